@@ -1,0 +1,385 @@
+//! The narrow file-I/O interface every byte Courier keeps on disk passes
+//! through.
+//!
+//! [`Fs`] and [`File`] name exactly the operations the storage layer uses:
+//! open, positional read and write, length, fdatasync, truncate, rename,
+//! delete and directory sync. [`OsFs`] maps them onto the operating system.
+//! [`SimFs`] is an in-memory model of a page cache over a disk: writes land
+//! in the cache, `sync_data` makes a file's contents durable, `sync_dir`
+//! makes a directory's entries (creations, renames, deletions) durable, and
+//! [`SimFs::power_loss`] throws away everything that was not. Tests use it to
+//! check that every promise of durability is backed by the right sync.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+/// A file opened through [`Fs`]. Shared by the writer and readers of a log.
+pub trait File: Send + Sync + std::fmt::Debug {
+    /// Reads up to `buf.len()` bytes at `pos`; returns how many were read
+    /// (fewer only at end of file).
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize>;
+    /// Writes all of `data` at `pos`.
+    fn write_at(&self, data: &[u8], pos: u64) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Makes the file's contents durable (fdatasync).
+    fn sync_data(&self) -> io::Result<()>;
+    /// Cuts the file to `len` bytes.
+    fn truncate(&self, len: u64) -> io::Result<()>;
+
+    /// Reads exactly `buf.len()` bytes at `pos` or fails with `UnexpectedEof`.
+    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.read_at(&mut buf[done..], pos + done as u64)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// How [`Fs::open`] treats a missing or existing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Open an existing file for reading and writing.
+    Existing,
+    /// Create the file; fail if it exists.
+    CreateNew,
+    /// Create the file or truncate an existing one to zero.
+    CreateTruncate,
+}
+
+/// The file-system operations of the storage layer.
+pub trait Fs: Send + Sync + std::fmt::Debug + 'static {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn File>>;
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Names (not paths) of the entries of a directory, sorted.
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
+    fn exists(&self, path: &Path) -> bool;
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Makes the directory's entries durable (fsync of the directory).
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
+}
+
+/// The operating system's file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OsFs;
+
+#[derive(Debug)]
+struct OsFile(std::fs::File);
+
+impl File for OsFile {
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        self.0.read_at(buf, pos)
+    }
+    fn write_at(&self, data: &[u8], pos: u64) -> io::Result<()> {
+        self.0.write_all_at(data, pos)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+impl Fs for OsFs {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn File>> {
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true);
+        match mode {
+            OpenMode::Existing => {}
+            OpenMode::CreateNew => {
+                options.create_new(true);
+            }
+            OpenMode::CreateTruncate => {
+                options.create(true).truncate(true);
+            }
+        }
+        Ok(Arc::new(OsFile(options.open(path)?)))
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(path)
+    }
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(path)? {
+            if let Ok(name) = entry?.file_name().into_string() {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_dir_all(path)
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        std::fs::File::open(path)?.sync_all()
+    }
+}
+
+/// An in-memory file system that models a volatile page cache.
+///
+/// Each file has cached contents (what reads see) and durable contents (what
+/// survives [`SimFs::power_loss`]). The namespace is modelled the same way:
+/// creating, renaming or removing an entry changes the cached namespace; only
+/// `sync_dir` of the parent makes it durable. Directories themselves are
+/// treated as durable once created.
+#[derive(Debug, Default, Clone)]
+pub struct SimFs {
+    inner: Arc<Mutex<SimState>>,
+}
+
+#[derive(Debug, Default)]
+struct SimState {
+    /// Cached namespace: path -> inode.
+    cached: BTreeMap<PathBuf, u64>,
+    /// Durable namespace: path -> inode.
+    durable: BTreeMap<PathBuf, u64>,
+    dirs: BTreeSet<PathBuf>,
+    inodes: BTreeMap<u64, Arc<SimInode>>,
+    next_inode: u64,
+    /// Count of sync_data calls, for tests that check the write path.
+    syncs: u64,
+}
+
+#[derive(Debug, Default)]
+struct SimInode {
+    data: Mutex<SimData>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct SimData {
+    cached: Vec<u8>,
+    durable: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct SimFile {
+    inode: Arc<SimInode>,
+    fs: Arc<Mutex<SimState>>,
+}
+
+impl File for SimFile {
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        let data = self.inode.data.lock();
+        let pos = usize::try_from(pos).map_err(|_| io::ErrorKind::InvalidInput)?;
+        if pos >= data.cached.len() {
+            return Ok(0);
+        }
+        let n = buf.len().min(data.cached.len() - pos);
+        buf[..n].copy_from_slice(&data.cached[pos..pos + n]);
+        Ok(n)
+    }
+    fn write_at(&self, bytes: &[u8], pos: u64) -> io::Result<()> {
+        let mut data = self.inode.data.lock();
+        let pos = usize::try_from(pos).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let end = pos + bytes.len();
+        if data.cached.len() < end {
+            data.cached.resize(end, 0);
+        }
+        data.cached[pos..end].copy_from_slice(bytes);
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.inode.data.lock().cached.len() as u64)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        let mut data = self.inode.data.lock();
+        data.durable = data.cached.clone();
+        self.fs.lock().syncs += 1;
+        Ok(())
+    }
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+        self.inode.data.lock().cached.resize(len, 0);
+        Ok(())
+    }
+}
+
+fn not_found() -> io::Error {
+    io::ErrorKind::NotFound.into()
+}
+
+impl SimFs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Simulates a power loss: every unsynced write and every namespace
+    /// change not covered by a `sync_dir` is lost. Open handles keep
+    /// pointing at the old inodes; callers reopen everything afterwards.
+    pub fn power_loss(&self) {
+        let mut state = self.inner.lock();
+        state.cached = state.durable.clone();
+        let live: BTreeSet<u64> = state.durable.values().copied().collect();
+        state.inodes.retain(|ino, _| live.contains(ino));
+        for inode in state.inodes.values() {
+            let mut data = inode.data.lock();
+            data.cached = data.durable.clone();
+        }
+    }
+
+    /// Number of `sync_data` calls so far.
+    pub fn sync_count(&self) -> u64 {
+        self.inner.lock().syncs
+    }
+
+    /// Mutates the cached and durable contents of a file in place (for
+    /// corruption tests). Returns false if the file does not exist.
+    pub fn corrupt(&self, path: &Path, f: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let state = self.inner.lock();
+        let Some(ino) = state.cached.get(path) else {
+            return false;
+        };
+        let mut data = state.inodes[ino].data.lock();
+        f(&mut data.cached);
+        data.durable = data.cached.clone();
+        true
+    }
+}
+
+impl Fs for SimFs {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn File>> {
+        let mut state = self.inner.lock();
+        if let Some(parent) = path.parent() {
+            if !state.dirs.contains(parent) {
+                return Err(not_found());
+            }
+        }
+        let existing = state.cached.get(path).copied();
+        let inode = match (mode, existing) {
+            (OpenMode::Existing, None) => return Err(not_found()),
+            (OpenMode::CreateNew, Some(_)) => return Err(io::ErrorKind::AlreadyExists.into()),
+            (OpenMode::Existing, Some(ino)) => state.inodes[&ino].clone(),
+            (OpenMode::CreateTruncate, Some(ino)) => {
+                let inode = state.inodes[&ino].clone();
+                inode.data.lock().cached.clear();
+                inode
+            }
+            (_, None) => {
+                state.next_inode += 1;
+                let ino = state.next_inode;
+                let inode = Arc::new(SimInode::default());
+                state.inodes.insert(ino, inode.clone());
+                state.cached.insert(path.to_path_buf(), ino);
+                inode
+            }
+        };
+        Ok(Arc::new(SimFile {
+            inode,
+            fs: self.inner.clone(),
+        }))
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.inner.lock();
+        for ancestor in path.ancestors() {
+            state.dirs.insert(ancestor.to_path_buf());
+        }
+        Ok(())
+    }
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        let state = self.inner.lock();
+        if !state.dirs.contains(path) {
+            return Err(not_found());
+        }
+        let files = state.cached.keys();
+        let dirs = state.dirs.iter();
+        let mut names: Vec<String> = files
+            .chain(dirs)
+            .filter(|p| p.parent() == Some(path))
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        let state = self.inner.lock();
+        state.cached.contains_key(path) || state.dirs.contains(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut state = self.inner.lock();
+        if state.dirs.contains(from) {
+            // Directory renames move every entry below; treated as durable
+            // at once (the storage layer syncs the parent right after).
+            let moved: Vec<PathBuf> = state
+                .dirs
+                .iter()
+                .filter(|d| d.starts_with(from))
+                .cloned()
+                .collect();
+            for d in moved {
+                state.dirs.remove(&d);
+                state
+                    .dirs
+                    .insert(to.join(d.strip_prefix(from).unwrap_or(&d)));
+            }
+            let SimState {
+                cached, durable, ..
+            } = &mut *state;
+            for map in [cached, durable] {
+                let keys: Vec<PathBuf> = map
+                    .keys()
+                    .filter(|p| p.starts_with(from))
+                    .cloned()
+                    .collect();
+                for k in keys {
+                    let ino = map.remove(&k).unwrap_or_default();
+                    map.insert(to.join(k.strip_prefix(from).unwrap_or(&k)), ino);
+                }
+            }
+            return Ok(());
+        }
+        let ino = state.cached.remove(from).ok_or_else(not_found)?;
+        state.cached.insert(to.to_path_buf(), ino);
+        Ok(())
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.inner.lock();
+        state.cached.remove(path).ok_or_else(not_found)?;
+        Ok(())
+    }
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.inner.lock();
+        state.dirs.retain(|d| !d.starts_with(path));
+        state.cached.retain(|p, _| !p.starts_with(path));
+        state.durable.retain(|p, _| !p.starts_with(path));
+        Ok(())
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.inner.lock();
+        let cached: Vec<(PathBuf, u64)> = state
+            .cached
+            .iter()
+            .filter(|(p, _)| p.parent() == Some(path))
+            .map(|(p, i)| (p.clone(), *i))
+            .collect();
+        state.durable.retain(|p, _| p.parent() != Some(path));
+        state.durable.extend(cached);
+        Ok(())
+    }
+}

@@ -1,0 +1,1184 @@
+//! [`Log`]: one append-only, segmented, checksummed log (a topic's messages,
+//! a subscription's dead letters, or the broker's state journal).
+//!
+//! Write path (docs/durability.md numbers the same steps):
+//! 1. `append`/`enqueue` check every record, take the pending lock, assign
+//!    dense offsets and a non-decreasing publish time, encode the frames into
+//!    the shared pending buffer and queue a completion. Appends from many
+//!    tasks land in one buffer: that is the coalescing.
+//! 2. The log's writer thread takes the whole pending buffer, rolls the
+//!    active segment if the batch would overflow it, and writes it with one
+//!    positional write per segment touched.
+//! 3. In `always` mode it then calls fdatasync once for everything it took
+//!    (group commit: every append that arrived while the previous sync ran
+//!    shares the next one), and only then completes the appends and moves
+//!    the visible offset. In `interval` mode appends complete after the write
+//!    and the writer syncs every interval; in `never` mode it never syncs.
+//! 4. A failed write or sync fails every waiting append and the log: after a
+//!    failed fsync the page cache can no longer be trusted to match the disk.
+//!
+//! Readers see records below the visible offset only, so under `always` a
+//! reader never observes a record a crash could take back. Recent records
+//! are served from an in-memory tail cache of the encoded batches; older
+//! ones are read from the segment files with one read per call.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::{Condvar, Mutex, RwLock};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
+
+use crate::storage::error::{Result, StorageError};
+use crate::storage::io::{File, Fs, OpenMode};
+use crate::storage::record::{self, NewRecord, Record};
+use crate::storage::segment::{
+    self, IndexBuilder, IndexEntry, SEGMENT_HEADER_BYTES, index_file_name, segment_file_name,
+};
+use crate::storage::{FsyncMode, Offset};
+
+/// Settings of one log.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A segment is rolled when the next batch would take it past this size.
+    pub segment_bytes_max: u64,
+    /// Distance in bytes between sparse index entries.
+    pub index_interval_bytes: u64,
+    /// When an append is complete; see [`FsyncMode`].
+    pub fsync: FsyncMode,
+    /// Bytes of recently written batches kept in memory for readers.
+    pub tail_cache_bytes_max: u64,
+    /// Encoded bytes that may wait for the writer before `append` waits.
+    pub pending_bytes_max: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            segment_bytes_max: 64 * 1024 * 1024,
+            index_interval_bytes: 8 * 1024,
+            fsync: FsyncMode::Always,
+            tail_cache_bytes_max: 8 * 1024 * 1024,
+            pending_bytes_max: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Where an appended batch landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Offset of the first record of the batch.
+    pub base_offset: Offset,
+    /// Offset of the last record of the batch.
+    pub last_offset: Offset,
+    /// Publish time given to every record of the batch.
+    pub publish_time_us: u64,
+}
+
+/// A queued append; resolve it with [`AppendTicket::wait`].
+#[derive(Debug)]
+pub struct AppendTicket {
+    rx: oneshot::Receiver<Result<Appended>>,
+    path: PathBuf,
+}
+
+impl AppendTicket {
+    /// Waits until the append is complete under the log's fsync mode.
+    ///
+    /// # Cancel safety
+    /// Dropping the future does not withdraw the append; it only stops
+    /// waiting for its outcome.
+    pub async fn wait(self) -> Result<Appended> {
+        match self.rx.await {
+            Ok(result) => result,
+            Err(_) => Err(StorageError::Closed { path: self.path }),
+        }
+    }
+}
+
+/// Limits of one read.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    pub records_max: usize,
+    /// Frame bytes; at least one record is returned even if larger.
+    pub bytes_max: usize,
+}
+
+/// What a read returned: records with offsets `>= from`, in order (there may
+/// be gaps where retention or a lost tail removed records).
+#[derive(Debug, Default)]
+pub struct ReadBatch {
+    pub records: Vec<Record>,
+    /// Where the next read should start.
+    pub next: Offset,
+}
+
+/// A summary of a log's disk use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogStats {
+    pub first_offset: Offset,
+    pub next_offset: Offset,
+    pub segments: u32,
+    pub disk_bytes: u64,
+}
+
+/// What recovery found when the log was opened.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// Bytes cut from the tails of segments (torn or corrupt).
+    pub truncated_bytes: u64,
+    /// Index files rebuilt from their segment.
+    pub rebuilt_indexes: u32,
+    /// Human-readable findings, for the log.
+    pub findings: Vec<String>,
+}
+
+/// One segment as the log keeps it.
+#[derive(Debug)]
+struct Segment {
+    base: Offset,
+    path: PathBuf,
+    file: Arc<dyn File>,
+    state: RwLock<SegmentState>,
+}
+
+#[derive(Debug)]
+struct SegmentState {
+    /// Offset after the last written record.
+    next: Offset,
+    /// Bytes written, header included.
+    len: u64,
+    index: IndexBuilder,
+    max_time_us: u64,
+    /// The header failed its checks: nothing in the segment is readable.
+    unreadable: Option<&'static str>,
+}
+
+#[derive(Debug)]
+struct PendingBatch {
+    /// End of this batch in the pending buffer.
+    end: usize,
+    appended: Appended,
+    done: oneshot::Sender<Result<Appended>>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    buf: BytesMut,
+    batches: Vec<PendingBatch>,
+    next_offset: Offset,
+    last_time_us: u64,
+    closed: bool,
+    failed: Option<String>,
+    /// Writer asked to roll before the next write (retention of the journal).
+    roll_requested: bool,
+}
+
+/// A chunk of the tail cache: the encoded frames of `[first, next)`.
+#[derive(Debug)]
+struct CacheChunk {
+    first: Offset,
+    next: Offset,
+    data: Bytes,
+}
+
+#[derive(Debug)]
+struct Shared {
+    dir: PathBuf,
+    fs: Arc<dyn Fs>,
+    config: LogConfig,
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    segments: RwLock<Vec<Arc<Segment>>>,
+    visible_next: AtomicU64,
+    visible_tx: watch::Sender<Offset>,
+    cache: RwLock<VecDeque<CacheChunk>>,
+    cache_bytes: AtomicU64,
+    space: Arc<Semaphore>,
+}
+
+/// An append-only segmented log. Cloning is cheap and shares the log.
+#[derive(Debug, Clone)]
+pub struct Log {
+    shared: Arc<Shared>,
+    writer: Arc<WriterHandle>,
+}
+
+#[derive(Debug)]
+struct WriterHandle {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        self.shared.close_and_join(&self.thread);
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Log {
+    /// Opens the log in `dir`, creating it if empty, and recovers it: the
+    /// active segment is scanned and a torn or corrupt tail truncated;
+    /// missing or inconsistent index files of sealed segments are rebuilt.
+    /// `first_offset` is where a brand-new log starts.
+    pub fn open(
+        fs: Arc<dyn Fs>,
+        dir: &Path,
+        config: LogConfig,
+        first_offset: Offset,
+    ) -> Result<(Log, RecoveryReport)> {
+        let io = |e| StorageError::io(dir, e);
+        fs.create_dir_all(dir).map_err(io)?;
+        let mut report = RecoveryReport::default();
+        let names = fs.list_dir(dir).map_err(io)?;
+        let mut bases: Vec<Offset> = names
+            .iter()
+            .filter_map(|n| segment::parse_segment_file_name(n))
+            .collect();
+        bases.sort();
+        for name in &names {
+            if name.ends_with(".tmp") {
+                let _ = fs.remove_file(&dir.join(name));
+            }
+        }
+        let mut segments = Vec::with_capacity(bases.len().max(1));
+        if bases.is_empty() {
+            segments.push(Arc::new(create_segment(
+                fs.as_ref(),
+                dir,
+                first_offset,
+                &config,
+            )?));
+            fs.sync_dir(dir).map_err(io)?;
+        }
+        for (i, base) in bases.iter().enumerate() {
+            let last = i + 1 == bases.len();
+            let next_base = bases.get(i + 1).copied();
+            let seg = recover_segment(
+                fs.as_ref(),
+                dir,
+                *base,
+                last,
+                next_base,
+                &config,
+                &mut report,
+            )?;
+            segments.push(Arc::new(seg));
+        }
+        let active = segments.last().expect("at least one segment");
+        let next = active.state.read().next;
+        let last_time_us = segments
+            .iter()
+            .map(|s| s.state.read().max_time_us)
+            .max()
+            .unwrap_or(0);
+        let (visible_tx, _) = watch::channel(next);
+        let pending_bytes = usize::try_from(config.pending_bytes_max)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            fs,
+            pending: Mutex::new(Pending {
+                next_offset: next,
+                last_time_us,
+                ..Pending::default()
+            }),
+            wake: Condvar::new(),
+            segments: RwLock::new(segments),
+            visible_next: AtomicU64::new(next.0),
+            visible_tx,
+            cache: RwLock::new(VecDeque::new()),
+            cache_bytes: AtomicU64::new(0),
+            space: Arc::new(Semaphore::new(pending_bytes)),
+            config,
+        });
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("courier-log-writer".into())
+            .stack_size(256 * 1024)
+            .spawn(move || writer_loop(&thread_shared))
+            .map_err(|e| StorageError::io(dir, e))?;
+        let writer = Arc::new(WriterHandle {
+            shared: shared.clone(),
+            thread: Mutex::new(Some(thread)),
+        });
+        Ok((Log { shared, writer }, report))
+    }
+
+    /// The directory holding this log's files.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Appends a batch and waits until it is complete under the log's fsync
+    /// mode. Waits first for room if the writer is behind by more than
+    /// `pending_bytes_max`.
+    ///
+    /// # Errors
+    /// `TooLarge` for a record that cannot be framed, `Closed` after
+    /// [`Log::close`], `Failed` after an earlier I/O error, `Io` if this
+    /// batch's write or sync failed.
+    ///
+    /// # Cancel safety
+    /// Cancelling before the batch is queued appends nothing; cancelling
+    /// after leaves the append to complete on its own.
+    pub async fn append(&self, records: &[NewRecord]) -> Result<Appended> {
+        let bytes: usize = records.iter().map(NewRecord::frame_len).sum();
+        let permits = bytes.clamp(1, self.shared.space_permits_max());
+        let permit = self
+            .shared
+            .space
+            .clone()
+            .acquire_many_owned(u32::try_from(permits).unwrap_or(u32::MAX))
+            .await
+            .map_err(|_| StorageError::Closed {
+                path: self.shared.dir.clone(),
+            })?;
+        self.enqueue_inner(records, Some(permit))?.wait().await
+    }
+
+    /// Queues a batch without waiting for room or completion: the batch's
+    /// position in the log is fixed when this returns.
+    pub fn enqueue(&self, records: &[NewRecord]) -> Result<AppendTicket> {
+        self.enqueue_inner(records, None)
+    }
+
+    fn enqueue_inner(
+        &self,
+        records: &[NewRecord],
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<AppendTicket> {
+        if records.is_empty() {
+            return Err(StorageError::TooLarge {
+                what: "empty batch",
+                actual: 0,
+                limit: 0,
+            });
+        }
+        for r in records {
+            if let Err(what) = record::check_encodable(r) {
+                return Err(StorageError::TooLarge {
+                    what,
+                    actual: r.frame_len() as u64,
+                    limit: (record::FRAME_BODY_BYTES_MAX + record::FRAME_HEADER_BYTES) as u64,
+                });
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        let mut pending = self.shared.pending.lock();
+        if let Some(cause) = &pending.failed {
+            return Err(StorageError::Failed {
+                path: self.shared.dir.clone(),
+                cause: cause.clone(),
+            });
+        }
+        if pending.closed {
+            return Err(StorageError::Closed {
+                path: self.shared.dir.clone(),
+            });
+        }
+        let time = now_us().max(pending.last_time_us);
+        pending.last_time_us = time;
+        let base = pending.next_offset;
+        for (i, r) in records.iter().enumerate() {
+            record::encode(&mut pending.buf, r, Offset(base.0 + i as u64), time);
+        }
+        let last = Offset(base.0 + records.len() as u64 - 1);
+        pending.next_offset = Offset(last.0 + 1);
+        let end = pending.buf.len();
+        pending.batches.push(PendingBatch {
+            end,
+            appended: Appended {
+                base_offset: base,
+                last_offset: last,
+                publish_time_us: time,
+            },
+            done: tx,
+            _permit: permit,
+        });
+        let first_in_queue = pending.batches.len() == 1;
+        drop(pending);
+        if first_in_queue {
+            self.shared.wake.notify_one();
+        }
+        Ok(AppendTicket {
+            rx,
+            path: self.shared.dir.clone(),
+        })
+    }
+
+    /// Offset after the last record readers may see.
+    pub fn next_offset(&self) -> Offset {
+        Offset(self.shared.visible_next.load(Ordering::Acquire))
+    }
+
+    /// Oldest retained offset.
+    pub fn first_offset(&self) -> Offset {
+        self.shared.segments.read()[0].base
+    }
+
+    /// A receiver of the visible next offset, for waiting on new records.
+    pub fn watch(&self) -> watch::Receiver<Offset> {
+        self.shared.visible_tx.subscribe()
+    }
+
+    /// Reads records with offsets `>= from` that are visible, up to the
+    /// limits, from one segment (or the tail cache). Returns an empty batch
+    /// at the end of the log.
+    ///
+    /// # Errors
+    /// `Corrupt` if the first record to return fails its checks; records
+    /// before a corrupt one are returned first, and the error names where
+    /// reading may resume. `Io` for read failures.
+    pub fn read(&self, from: Offset, limits: ReadLimits) -> Result<ReadBatch> {
+        let visible = self.next_offset();
+        let from = from.max(self.first_offset());
+        if from >= visible {
+            return Ok(ReadBatch {
+                records: Vec::new(),
+                next: from,
+            });
+        }
+        if let Some(batch) = self.read_cache(from, visible, limits) {
+            return Ok(batch);
+        }
+        self.read_files(from, visible, limits)
+    }
+
+    fn read_cache(&self, from: Offset, visible: Offset, limits: ReadLimits) -> Option<ReadBatch> {
+        let cache = self.shared.cache.read();
+        let front = cache.front()?;
+        if from < front.first {
+            return None;
+        }
+        let start = cache.partition_point(|c| c.next <= from);
+        let mut out = ReadBatch {
+            records: Vec::new(),
+            next: from,
+        };
+        let mut bytes = 0;
+        for chunk in cache.iter().skip(start) {
+            let mut pos = 0;
+            while pos < chunk.data.len() {
+                let (rec, len) = record::decode(&chunk.data, pos)
+                    .expect("tail cache holds frames this log encoded");
+                pos += len;
+                if rec.offset < from {
+                    continue;
+                }
+                if rec.offset >= visible
+                    || out.records.len() >= limits.records_max
+                    || (!out.records.is_empty() && bytes + len > limits.bytes_max)
+                {
+                    return Some(out);
+                }
+                bytes += len;
+                out.next = Offset(rec.offset.0 + 1);
+                out.records.push(rec);
+            }
+        }
+        Some(out)
+    }
+
+    fn read_files(&self, from: Offset, visible: Offset, limits: ReadLimits) -> Result<ReadBatch> {
+        let segments = self.shared.segments.read().clone();
+        let mut i = segments
+            .partition_point(|s| s.base <= from)
+            .saturating_sub(1);
+        loop {
+            let Some(seg) = segments.get(i) else {
+                return Ok(ReadBatch {
+                    records: Vec::new(),
+                    next: from,
+                });
+            };
+            let next_base = segments.get(i + 1).map(|s| s.base);
+            let batch = read_segment(seg, from, visible, next_base, limits)?;
+            if !batch.records.is_empty() || next_base.is_none() {
+                return Ok(batch);
+            }
+            i += 1;
+        }
+    }
+
+    /// The first offset whose publish time is at or after `time_us` (the
+    /// next offset if there is none). Uses the sparse time index, then a
+    /// short scan.
+    pub fn offset_for_time(&self, time_us: u64) -> Result<Offset> {
+        let segments = self.shared.segments.read().clone();
+        let i = segments.partition_point(|s| s.state.read().max_time_us < time_us);
+        let Some(seg) = segments.get(i) else {
+            return Ok(self.next_offset());
+        };
+        let start = {
+            let st = seg.state.read();
+            let e = st
+                .index
+                .entries
+                .partition_point(|e| e.time_us < time_us)
+                .saturating_sub(1);
+            st.index
+                .entries
+                .get(e)
+                .map_or(seg.base, |e| Offset(seg.base.0 + u64::from(e.rel_offset)))
+        };
+        let mut from = start;
+        loop {
+            let batch = self.read(
+                from,
+                ReadLimits {
+                    records_max: 1024,
+                    bytes_max: 1 << 20,
+                },
+            )?;
+            if batch.records.is_empty() {
+                return Ok(batch.next);
+            }
+            if let Some(r) = batch.records.iter().find(|r| r.publish_time_us >= time_us) {
+                return Ok(r.offset);
+            }
+            from = batch.next;
+        }
+    }
+
+    /// Deletes every sealed segment whose records are all below `offset`.
+    /// The active segment is never deleted. Returns how many were deleted.
+    pub fn truncate_before(&self, offset: Offset) -> Result<u32> {
+        self.delete_segments_while(|seg, next| next <= offset && seg.base < offset)
+    }
+
+    /// Retention by age and size: deletes sealed segments whose newest
+    /// record is older than `max_age_us` before now, then the oldest sealed
+    /// segments while the log is over `max_bytes`.
+    pub fn enforce_retention(
+        &self,
+        max_age_us: Option<u64>,
+        max_bytes: Option<u64>,
+    ) -> Result<u32> {
+        let mut deleted = 0;
+        if let Some(age) = max_age_us {
+            let cutoff = now_us().saturating_sub(age);
+            deleted +=
+                self.delete_segments_while(|seg, _| seg.state.read().max_time_us < cutoff)?;
+        }
+        if let Some(max) = max_bytes {
+            let mut total = self.stats().disk_bytes;
+            deleted += self.delete_segments_while(|seg, _| {
+                let len = seg.state.read().len;
+                if total > max {
+                    total -= len;
+                    true
+                } else {
+                    false
+                }
+            })?;
+        }
+        Ok(deleted)
+    }
+
+    fn delete_segments_while(&self, mut pred: impl FnMut(&Segment, Offset) -> bool) -> Result<u32> {
+        let doomed: Vec<Arc<Segment>> = {
+            let mut segments = self.shared.segments.write();
+            let mut n = 0;
+            while n + 1 < segments.len() && pred(&segments[n], segments[n + 1].base) {
+                n += 1;
+            }
+            segments.drain(..n).collect()
+        };
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        let fs = &self.shared.fs;
+        for seg in &doomed {
+            // Index first: a crash between the two leaves a segment without
+            // an index, which the next open rebuilds.
+            let _ = fs.remove_file(&self.shared.dir.join(index_file_name(seg.base)));
+            fs.remove_file(&seg.path)
+                .map_err(|e| StorageError::io(&seg.path, e))?;
+        }
+        fs.sync_dir(&self.shared.dir)
+            .map_err(|e| StorageError::io(&self.shared.dir, e))?;
+        Ok(u32::try_from(doomed.len()).unwrap_or(u32::MAX))
+    }
+
+    /// Asks the writer to roll the active segment before its next write, so
+    /// that everything appended so far can later be deleted by
+    /// [`Log::truncate_before`].
+    pub fn request_roll(&self) {
+        self.shared.pending.lock().roll_requested = true;
+    }
+
+    /// Offsets, segment count and bytes on disk.
+    pub fn stats(&self) -> LogStats {
+        let segments = self.shared.segments.read();
+        LogStats {
+            first_offset: segments[0].base,
+            next_offset: self.next_offset(),
+            segments: u32::try_from(segments.len()).unwrap_or(u32::MAX),
+            disk_bytes: segments.iter().map(|s| s.state.read().len).sum(),
+        }
+    }
+
+    /// Approximate bytes of records at offsets `>= from`, from the index.
+    pub fn bytes_from(&self, from: Offset) -> u64 {
+        let segments = self.shared.segments.read();
+        let mut total = 0;
+        for seg in segments.iter() {
+            let st = seg.state.read();
+            if st.next <= from {
+                continue;
+            }
+            if seg.base >= from {
+                total += st.len - SEGMENT_HEADER_BYTES;
+            } else {
+                let rel = from.0 - seg.base.0;
+                let e = st
+                    .index
+                    .entries
+                    .partition_point(|e| u64::from(e.rel_offset) <= rel)
+                    .saturating_sub(1);
+                let pos = st
+                    .index
+                    .entries
+                    .get(e)
+                    .map_or(SEGMENT_HEADER_BYTES, |e| u64::from(e.pos));
+                total += st.len - pos;
+            }
+        }
+        total
+    }
+
+    /// Bytes of index entries held in memory, for the memory budget.
+    pub fn index_memory_bytes(&self) -> usize {
+        let segments = self.shared.segments.read();
+        segments
+            .iter()
+            .map(|s| s.state.read().index.entries.capacity() * std::mem::size_of::<IndexEntry>())
+            .sum()
+    }
+
+    /// Stops accepting appends, lets the writer finish and sync what is
+    /// queued, and waits for it.
+    pub fn close(&self) {
+        self.shared.close_and_join(&self.writer.thread);
+    }
+}
+
+impl Shared {
+    fn space_permits_max(&self) -> usize {
+        usize::try_from(self.config.pending_bytes_max)
+            .unwrap_or(usize::MAX)
+            .clamp(1, Semaphore::MAX_PERMITS)
+    }
+
+    fn close_and_join(&self, thread: &Mutex<Option<std::thread::JoinHandle<()>>>) {
+        self.pending.lock().closed = true;
+        self.wake.notify_all();
+        self.space.close();
+        if let Some(handle) = thread.lock().take() {
+            let _ = handle.join();
+        }
+    }
+
+    fn active(&self) -> Arc<Segment> {
+        self.segments
+            .read()
+            .last()
+            .expect("a log always has an active segment")
+            .clone()
+    }
+
+    fn push_cache(&self, first: Offset, next: Offset, data: Bytes) {
+        let max = self.config.tail_cache_bytes_max;
+        if max == 0 || data.is_empty() {
+            return;
+        }
+        let mut cache = self.cache.write();
+        let mut bytes = self.cache_bytes.load(Ordering::Relaxed) + data.len() as u64;
+        cache.push_back(CacheChunk { first, next, data });
+        while bytes > max {
+            let Some(old) = cache.pop_front() else { break };
+            bytes -= old.data.len() as u64;
+        }
+        self.cache_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    fn fail(&self, err: &StorageError) {
+        let mut pending = self.pending.lock();
+        pending.failed.get_or_insert_with(|| err.to_string());
+        for batch in pending.batches.drain(..) {
+            let _ = batch.done.send(Err(err.clone()));
+        }
+        pending.buf.clear();
+    }
+}
+
+fn create_segment(fs: &dyn Fs, dir: &Path, base: Offset, config: &LogConfig) -> Result<Segment> {
+    let path = dir.join(segment_file_name(base));
+    let file = fs
+        .open(&path, OpenMode::CreateTruncate)
+        .map_err(|e| StorageError::io(&path, e))?;
+    file.write_at(&segment::encode_header(base), 0)
+        .map_err(|e| StorageError::io(&path, e))?;
+    // Synced in every mode: once per segment costs nothing, and it keeps a
+    // power loss from leaving a headerless segment in the middle of a log.
+    file.sync_data().map_err(|e| StorageError::io(&path, e))?;
+    Ok(Segment {
+        base,
+        path,
+        file,
+        state: RwLock::new(SegmentState {
+            next: base,
+            len: SEGMENT_HEADER_BYTES,
+            index: IndexBuilder::new(config.index_interval_bytes),
+            max_time_us: 0,
+            unreadable: None,
+        }),
+    })
+}
+
+fn recover_segment(
+    fs: &dyn Fs,
+    dir: &Path,
+    base: Offset,
+    last: bool,
+    next_base: Option<Offset>,
+    config: &LogConfig,
+    report: &mut RecoveryReport,
+) -> Result<Segment> {
+    let path = dir.join(segment_file_name(base));
+    let io = |e| StorageError::io(&path, e);
+    let file = fs.open(&path, OpenMode::Existing).map_err(io)?;
+    let file_len = file.len().map_err(io)?;
+    let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
+    let got = file.read_at(&mut header, 0).map_err(io)?;
+    if let Err(why) = segment::check_header(&header[..got], base) {
+        if last {
+            // A torn roll: the new segment's header never made it. Start it
+            // again; nothing after a bad header can be trusted.
+            report.truncated_bytes += file_len;
+            report.findings.push(format!(
+                "{}: {why}; recreated the active segment",
+                path.display()
+            ));
+            return create_segment(fs, dir, base, config);
+        }
+        report.findings.push(format!(
+            "{}: {why}; its records are unreadable",
+            path.display()
+        ));
+        return Ok(Segment {
+            base,
+            path: path.clone(),
+            file,
+            state: RwLock::new(SegmentState {
+                next: next_base.unwrap_or(base),
+                len: file_len,
+                index: IndexBuilder::new(config.index_interval_bytes),
+                max_time_us: 0,
+                unreadable: Some(why),
+            }),
+        });
+    }
+    if !last {
+        if let Some(idx) = segment::read_index(fs, dir, base) {
+            if idx.segment_len == file_len && Some(idx.next) <= next_base {
+                return Ok(Segment {
+                    base,
+                    path,
+                    file,
+                    state: RwLock::new(SegmentState {
+                        next: idx.next,
+                        len: file_len,
+                        index: IndexBuilder::from_entries(idx.entries, config.index_interval_bytes),
+                        max_time_us: idx.max_time_us,
+                        unreadable: None,
+                    }),
+                });
+            }
+        }
+    }
+    let scan =
+        segment::scan(file.as_ref(), base, file_len, config.index_interval_bytes).map_err(io)?;
+    if scan.valid_len < file_len {
+        let dropped = file_len - scan.valid_len;
+        report.truncated_bytes += dropped;
+        report.findings.push(format!(
+            "{}: {} at byte {}; truncated {dropped} bytes after offset {}",
+            path.display(),
+            scan.stop_reason.unwrap_or("trailing bytes"),
+            scan.valid_len,
+            scan.next.0,
+        ));
+        file.truncate(scan.valid_len).map_err(io)?;
+        file.sync_data().map_err(io)?;
+    }
+    if let Some(next_base) = next_base {
+        if scan.next != next_base {
+            report.findings.push(format!(
+                "{}: ends at offset {} but the next segment starts at {}; offsets in between are missing",
+                path.display(),
+                scan.next.0,
+                next_base.0
+            ));
+        }
+    }
+    if !last {
+        let data = segment::encode_index(
+            scan.valid_len,
+            scan.next,
+            base,
+            scan.max_time_us,
+            &scan.index,
+        );
+        segment::write_index(fs, dir, base, &data)?;
+        report.rebuilt_indexes += 1;
+    }
+    Ok(Segment {
+        base,
+        path,
+        file,
+        state: RwLock::new(SegmentState {
+            next: scan.next,
+            len: scan.valid_len,
+            index: IndexBuilder::from_entries(scan.index, config.index_interval_bytes),
+            max_time_us: scan.max_time_us,
+            unreadable: None,
+        }),
+    })
+}
+
+fn read_segment(
+    seg: &Segment,
+    from: Offset,
+    visible: Offset,
+    next_base: Option<Offset>,
+    limits: ReadLimits,
+) -> Result<ReadBatch> {
+    let (start_pos, end_pos, seg_next, unreadable, resume_points) = {
+        let st = seg.state.read();
+        let rel = from.0.saturating_sub(seg.base.0);
+        let e = st
+            .index
+            .entries
+            .partition_point(|e| u64::from(e.rel_offset) <= rel);
+        let start = e.checked_sub(1).and_then(|i| st.index.entries.get(i));
+        let start_pos = start.map_or(SEGMENT_HEADER_BYTES, |e| u64::from(e.pos));
+        // Where reading could resume past a corrupt region: the next index
+        // entry after the start.
+        let resume = st
+            .index
+            .entries
+            .get(e)
+            .map(|e| Offset(seg.base.0 + u64::from(e.rel_offset)));
+        (start_pos, st.len, st.next, st.unreadable, resume)
+    };
+    let seg_end_offset = next_base.unwrap_or(seg_next).max(seg_next);
+    if let Some(why) = unreadable {
+        return Err(StorageError::Corrupt {
+            path: seg.path.clone(),
+            first: from.max(seg.base),
+            next_readable: seg_end_offset,
+            detail: why,
+        });
+    }
+    if from >= seg_next {
+        return Ok(ReadBatch {
+            records: Vec::new(),
+            next: from.max(seg_next),
+        });
+    }
+    let mut out = ReadBatch {
+        records: Vec::new(),
+        next: from,
+    };
+    let mut pos = start_pos;
+    let mut bytes = 0usize;
+    let mut buf = Bytes::new();
+    let mut buf_start = pos;
+    let corrupt = |first: Offset, detail: &'static str| StorageError::Corrupt {
+        path: seg.path.clone(),
+        first,
+        next_readable: resume_points
+            .filter(|r| *r > first)
+            .unwrap_or(seg_end_offset),
+        detail,
+    };
+    while pos < end_pos {
+        let rel = (pos - buf_start) as usize;
+        let decoded = if rel < buf.len() {
+            record::decode(&buf, rel)
+        } else {
+            Err(record::FrameError::Incomplete)
+        };
+        let (rec, len) = match decoded {
+            Ok(ok) => ok,
+            Err(record::FrameError::Incomplete) => {
+                // Refill: read from `pos` at least the next whole frame.
+                let mut head = [0u8; record::FRAME_HEADER_BYTES];
+                seg.file
+                    .read_exact_at(&mut head, pos)
+                    .map_err(|e| StorageError::io(&seg.path, e))?;
+                let declared = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
+                if declared > record::FRAME_BODY_BYTES_MAX {
+                    let first = out.next;
+                    return if out.records.is_empty() {
+                        Err(corrupt(first, "frame length over the limit"))
+                    } else {
+                        Ok(out)
+                    };
+                }
+                let want =
+                    (record::FRAME_HEADER_BYTES + declared).max(limits.bytes_max.min(1 << 20));
+                let n = (want as u64).min(end_pos - pos) as usize;
+                if n < record::FRAME_HEADER_BYTES + declared {
+                    let first = out.next;
+                    return if out.records.is_empty() {
+                        Err(corrupt(first, "frame runs past the segment end"))
+                    } else {
+                        Ok(out)
+                    };
+                }
+                let mut fresh = BytesMut::zeroed(n);
+                seg.file
+                    .read_exact_at(&mut fresh, pos)
+                    .map_err(|e| StorageError::io(&seg.path, e))?;
+                buf = fresh.freeze();
+                buf_start = pos;
+                continue;
+            }
+            Err(record::FrameError::Corrupt(why)) => {
+                let first = out.next;
+                return if out.records.is_empty() {
+                    Err(corrupt(first, why))
+                } else {
+                    Ok(out)
+                };
+            }
+        };
+        if rec.offset.0 < seg.base.0 || rec.offset >= seg_next {
+            let first = out.next;
+            return if out.records.is_empty() {
+                Err(corrupt(first, "record offset outside its segment"))
+            } else {
+                Ok(out)
+            };
+        }
+        pos += len as u64;
+        if rec.offset < from {
+            continue;
+        }
+        if rec.offset >= visible
+            || out.records.len() >= limits.records_max
+            || (!out.records.is_empty() && bytes + len > limits.bytes_max)
+        {
+            break;
+        }
+        bytes += len;
+        out.next = Offset(rec.offset.0 + 1);
+        out.records.push(rec);
+    }
+    if out.records.is_empty() {
+        out.next = from.max(seg_next.min(visible));
+    }
+    Ok(out)
+}
+
+/// The writer thread: takes pending batches, writes, syncs, completes.
+fn writer_loop(shared: &Shared) {
+    let interval = match shared.config.fsync {
+        FsyncMode::Interval(ms) => Some(Duration::from_millis(ms.max(1))),
+        _ => None,
+    };
+    let mut unsynced = false;
+    let mut last_sync = Instant::now();
+    loop {
+        let (buf, batches, roll) = {
+            let mut pending = shared.pending.lock();
+            loop {
+                if !pending.batches.is_empty() || pending.closed || pending.failed.is_some() {
+                    break;
+                }
+                match interval {
+                    Some(every) if unsynced => {
+                        let deadline = last_sync + every;
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        shared.wake.wait_until(&mut pending, deadline);
+                    }
+                    _ => shared.wake.wait(&mut pending),
+                }
+            }
+            if pending.failed.is_some() {
+                return;
+            }
+            if pending.batches.is_empty() && pending.closed {
+                drop(pending);
+                if unsynced || shared.config.fsync == FsyncMode::Never {
+                    let active = shared.active();
+                    if let Err(e) = active.file.sync_data() {
+                        tracing::error!(path = %active.path.display(), error = %e, "final sync failed");
+                    }
+                }
+                return;
+            }
+            let roll = std::mem::take(&mut pending.roll_requested);
+            (
+                std::mem::take(&mut pending.buf).freeze(),
+                std::mem::take(&mut pending.batches),
+                roll,
+            )
+        };
+        if batches.is_empty() {
+            // Interval sync with nothing new queued.
+            if let Err(e) = shared.active().file.sync_data() {
+                shared.fail(&StorageError::io(&shared.dir, e));
+                return;
+            }
+            unsynced = false;
+            last_sync = Instant::now();
+            continue;
+        }
+        match write_batches(shared, &buf, &batches, roll) {
+            Ok(()) => {}
+            Err(err) => {
+                tracing::error!(dir = %shared.dir.display(), error = %err, "log write failed; the log is now failed");
+                for batch in batches {
+                    let _ = batch.done.send(Err(err.clone()));
+                }
+                shared.fail(&err);
+                return;
+            }
+        }
+        unsynced = true;
+        if shared.config.fsync == FsyncMode::Always
+            || interval.is_some_and(|every| last_sync.elapsed() >= every)
+        {
+            if let Err(e) = shared.active().file.sync_data() {
+                let err = StorageError::io(&shared.active().path, e);
+                tracing::error!(error = %err, "fdatasync failed; the log is now failed");
+                for batch in batches {
+                    let _ = batch.done.send(Err(err.clone()));
+                }
+                shared.fail(&err);
+                return;
+            }
+            unsynced = false;
+            last_sync = Instant::now();
+        }
+        let last = batches.last().expect("non-empty").appended.last_offset;
+        let first = batches[0].appended.base_offset;
+        shared.push_cache(first, Offset(last.0 + 1), buf);
+        shared.visible_next.store(last.0 + 1, Ordering::Release);
+        shared.visible_tx.send_replace(Offset(last.0 + 1));
+        for batch in batches {
+            let _ = batch.done.send(Ok(batch.appended));
+        }
+    }
+}
+
+/// Writes the taken batches: one write per segment touched, rolling first
+/// where a batch would overflow the active segment.
+fn write_batches(
+    shared: &Shared,
+    buf: &Bytes,
+    batches: &[PendingBatch],
+    roll_requested: bool,
+) -> Result<()> {
+    let mut start = 0; // position in buf of the first unwritten batch
+    let mut i = 0;
+    let mut roll = roll_requested;
+    while i < batches.len() {
+        let mut active = shared.active();
+        let active_len = active.state.read().len;
+        let has_records = active_len > SEGMENT_HEADER_BYTES;
+        let first_len = (batches[i].end - start) as u64;
+        if has_records && (roll || active_len + first_len > shared.config.segment_bytes_max) {
+            roll_segment(shared, &active, batches[i].appended.base_offset)?;
+            active = shared.active();
+        }
+        roll = false;
+        // Take as many batches as fit into this segment (at least one).
+        let mut j = i + 1;
+        let mut len = active.state.read().len;
+        len += first_len;
+        while j < batches.len() {
+            let next_len = (batches[j].end - batches[j - 1].end) as u64;
+            if len + next_len > shared.config.segment_bytes_max {
+                break;
+            }
+            len += next_len;
+            j += 1;
+        }
+        let end = batches[j - 1].end;
+        let data = &buf[start..end];
+        let pos = active.state.read().len;
+        active
+            .file
+            .write_at(data, pos)
+            .map_err(|e| StorageError::io(&active.path, e))?;
+        // Index the frames just written.
+        let mut st = active.state.write();
+        let mut p = 0;
+        while p < data.len() {
+            let info = record::check_frame(&data[p..]).expect("frames this writer encoded");
+            st.index.observe(
+                active.base,
+                info.offset,
+                pos + p as u64,
+                info.publish_time_us,
+            );
+            st.max_time_us = st.max_time_us.max(info.publish_time_us);
+            p += info.frame_len;
+        }
+        st.len = pos + data.len() as u64;
+        st.next = Offset(batches[j - 1].appended.last_offset.0 + 1);
+        drop(st);
+        start = end;
+        i = j;
+    }
+    Ok(())
+}
+
+/// Seals the active segment (sync, index file) and starts one at `next`.
+fn roll_segment(shared: &Shared, active: &Segment, next: Offset) -> Result<()> {
+    let io = |e| StorageError::io(&active.path, e);
+    // Sealing syncs in every mode, `never` included: a sealed segment is
+    // complete on disk before the next one exists.
+    active.file.sync_data().map_err(io)?;
+    let data = {
+        let st = active.state.read();
+        segment::encode_index(
+            st.len,
+            st.next,
+            active.base,
+            st.max_time_us,
+            &st.index.entries,
+        )
+    };
+    segment::write_index(shared.fs.as_ref(), &shared.dir, active.base, &data)?;
+    let seg = create_segment(shared.fs.as_ref(), &shared.dir, next, &shared.config)?;
+    shared
+        .fs
+        .sync_dir(&shared.dir)
+        .map_err(|e| StorageError::io(&shared.dir, e))?;
+    {
+        let mut st = active.state.write();
+        st.index.entries.shrink_to_fit();
+    }
+    shared.segments.write().push(Arc::new(seg));
+    Ok(())
+}
