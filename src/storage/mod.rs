@@ -3,6 +3,10 @@
 //! - [`Log`] (log.rs): an append-only log split into segment files
 //!   (segment.rs) of CRC-framed records (record.rs), with group commit,
 //!   sparse offset and time indexes, a tail cache, recovery and retention.
+//! - [`state`]: subscription state (ack floors, acked ranges, delivery
+//!   attempts, dead-letter removals) journaled in one broker-wide log.
+//! - [`meta`]: topic and subscription definitions in sled; the only module
+//!   that imports sled.
 //! - [`io`]: the narrow file interface all of that uses, with an OS
 //!   implementation and a simulated page cache for power-loss tests.
 //!
@@ -11,8 +15,10 @@
 pub mod error;
 pub mod io;
 pub mod log;
+pub mod meta;
 pub mod record;
 pub mod segment;
+pub mod state;
 
 pub use error::{Result, StorageError};
 pub use log::{

@@ -1,0 +1,566 @@
+//! Durable subscription state: ack floors, acked ranges, delivery attempts
+//! and dead-letter removals, kept in one broker-wide state journal.
+//!
+//! The journal is a [`Log`] whose records each carry a batch of
+//! [`StateEntry`] values for one subscription. Writers enqueue entries in
+//! the order they change the in-memory [`SubscriptionState`] (the broker
+//! holds the subscription's lock while it enqueues), so replaying the
+//! journal in order rebuilds exactly the state that was acknowledged. Many
+//! acks become one journal record, and all subscriptions share the
+//! journal's group commit: acking never waits for a sync of its own.
+//!
+//! Compaction: when the journal grows past a limit, the broker asks for a
+//! roll, enqueues one [`StateEntry::Snapshot`] per live subscription (an
+//! absolute statement of its state, which replay applies by replacement),
+//! and once those are durable deletes the segments before the first
+//! snapshot. A crash at any point leaves a journal whose replay is correct:
+//! older entries are only deleted after snapshots covering them are durable.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::storage::Offset;
+use crate::storage::error::{Result, StorageError};
+use crate::storage::io::Fs;
+use crate::storage::log::{AppendTicket, Log, LogConfig, ReadLimits};
+use crate::storage::record::NewRecord;
+
+/// One delivered-but-unsettled message's attempt history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempts {
+    /// Deliveries so far (1 after the first).
+    pub count: u32,
+    pub first_delivery_us: u64,
+    pub last_delivery_us: u64,
+}
+
+/// A set of offsets as disjoint half-open ranges, with a floor below which
+/// every offset is in the set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RangeSet {
+    floor: u64,
+    /// start -> end (exclusive), all starts > floor, disjoint, non-adjacent.
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    pub fn with_floor(floor: u64) -> Self {
+        Self {
+            floor,
+            ranges: BTreeMap::new(),
+        }
+    }
+
+    /// Every offset below this is in the set; the floor itself is not.
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+
+    pub fn contains(&self, x: u64) -> bool {
+        if x < self.floor {
+            return true;
+        }
+        self.ranges
+            .range(..=x)
+            .next_back()
+            .is_some_and(|(_, end)| x < *end)
+    }
+
+    /// Adds `[start, end)`. Returns how many offsets were newly added.
+    pub fn insert(&mut self, start: u64, end: u64) -> u64 {
+        let start = start.max(self.floor);
+        if start >= end {
+            return 0;
+        }
+        let mut added = end - start;
+        let mut new_start = start;
+        let mut new_end = end;
+        // Merge with overlapping or adjacent ranges.
+        let overlapping: Vec<(u64, u64)> = self
+            .ranges
+            .range(..=end)
+            .rev()
+            .take_while(|(_, e)| **e >= start)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (s, e) in overlapping {
+            let lo = s.max(start);
+            let hi = e.min(end);
+            if hi > lo {
+                added -= hi - lo;
+            }
+            new_start = new_start.min(s);
+            new_end = new_end.max(e);
+            self.ranges.remove(&s);
+        }
+        if new_start <= self.floor {
+            self.floor = new_end;
+            // The raised floor may now touch the next range.
+            if let Some((&s, &e)) = self.ranges.iter().next() {
+                if s <= self.floor {
+                    self.ranges.remove(&s);
+                    self.floor = self.floor.max(e);
+                }
+            }
+        } else {
+            self.ranges.insert(new_start, new_end);
+        }
+        added
+    }
+
+    /// Raises the floor to at least `floor`, dropping ranges below it.
+    pub fn raise_floor(&mut self, floor: u64) {
+        if floor <= self.floor {
+            return;
+        }
+        self.floor = floor;
+        let below: Vec<(u64, u64)> = self.ranges.range(..=floor).map(|(s, e)| (*s, *e)).collect();
+        for (s, e) in below {
+            self.ranges.remove(&s);
+            if e > floor {
+                self.floor = e;
+            }
+        }
+    }
+
+    /// Offsets in the set at or above the floor.
+    pub fn count_above_floor(&self) -> u64 {
+        self.ranges.iter().map(|(s, e)| e - s).sum()
+    }
+
+    /// The ranges above the floor, in order.
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().map(|(s, e)| (*s, *e))
+    }
+
+    /// Number of ranges held (memory is proportional to it).
+    pub fn range_count(&self) -> usize {
+        self.ranges.len()
+    }
+}
+
+/// The durable state of one subscription.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscriptionState {
+    /// Offsets of the topic log that are settled (acked or dead-lettered).
+    pub settled: RangeSet,
+    /// Attempt history of delivered, unsettled messages.
+    pub attempts: BTreeMap<u64, Attempts>,
+    /// Offsets of the subscription's dead-letter log that were removed
+    /// (redriven or purged).
+    pub dlq_removed: RangeSet,
+}
+
+/// One change to a subscription's state, as journaled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateEntry {
+    /// Offsets `[start, end)` are settled.
+    Settled { ranges: Vec<(u64, u64)> },
+    /// The message at `offset` was delivered for the `count`th time.
+    Delivered {
+        offset: u64,
+        count: u32,
+        time_us: u64,
+    },
+    /// Everything below `floor` is settled (purge, initial position).
+    Floor { floor: u64 },
+    /// Dead-letter log offsets `[start, end)` were removed.
+    DlqRemoved { ranges: Vec<(u64, u64)> },
+    /// Attempt history of `offset` is forgotten (a redrive reset).
+    ResetAttempts { offset: u64 },
+    /// The subscription's full state, replacing what came before.
+    Snapshot(Box<SubscriptionState>),
+    /// The subscription was deleted.
+    Dropped,
+}
+
+impl SubscriptionState {
+    /// A new subscription whose first deliverable offset is `start`.
+    pub fn starting_at(start: Offset) -> Self {
+        Self {
+            settled: RangeSet::with_floor(start.0),
+            ..Self::default()
+        }
+    }
+
+    /// Applies one entry (used by replay and by the broker alike).
+    pub fn apply(&mut self, entry: &StateEntry) {
+        match entry {
+            StateEntry::Settled { ranges } => {
+                for &(s, e) in ranges {
+                    self.settled.insert(s, e);
+                    let doomed: Vec<u64> = self.attempts.range(s..e).map(|(o, _)| *o).collect();
+                    for o in doomed {
+                        self.attempts.remove(&o);
+                    }
+                }
+            }
+            StateEntry::Delivered {
+                offset,
+                count,
+                time_us,
+            } => {
+                let a = self.attempts.entry(*offset).or_insert(Attempts {
+                    count: 0,
+                    first_delivery_us: *time_us,
+                    last_delivery_us: *time_us,
+                });
+                a.count = *count;
+                a.last_delivery_us = *time_us;
+                if *count == 1 {
+                    a.first_delivery_us = *time_us;
+                }
+            }
+            StateEntry::Floor { floor } => {
+                self.settled.raise_floor(*floor);
+                let floor = self.settled.floor();
+                self.attempts = self.attempts.split_off(&floor);
+            }
+            StateEntry::DlqRemoved { ranges } => {
+                for &(s, e) in ranges {
+                    self.dlq_removed.insert(s, e);
+                }
+            }
+            StateEntry::ResetAttempts { offset } => {
+                self.attempts.remove(offset);
+            }
+            StateEntry::Snapshot(state) => *self = (**state).clone(),
+            StateEntry::Dropped => *self = SubscriptionState::default(),
+        }
+    }
+}
+
+const TAG_SETTLED: u8 = 1;
+const TAG_DELIVERED: u8 = 2;
+const TAG_FLOOR: u8 = 3;
+const TAG_DLQ_REMOVED: u8 = 4;
+const TAG_RESET: u8 = 5;
+const TAG_SNAPSHOT: u8 = 6;
+const TAG_DROPPED: u8 = 7;
+
+fn put_ranges(out: &mut BytesMut, ranges: impl ExactSizeIterator<Item = (u64, u64)>) {
+    out.put_u32_le(u32::try_from(ranges.len()).expect("range count fits u32"));
+    for (s, e) in ranges {
+        out.put_u64_le(s);
+        out.put_u64_le(e);
+    }
+}
+
+/// Encodes a batch of entries for subscription `sub` into one payload.
+pub fn encode_entries(sub: u64, entries: &[StateEntry]) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_u64_le(sub);
+    for entry in entries {
+        match entry {
+            StateEntry::Settled { ranges } => {
+                out.put_u8(TAG_SETTLED);
+                put_ranges(&mut out, ranges.iter().copied());
+            }
+            StateEntry::Delivered {
+                offset,
+                count,
+                time_us,
+            } => {
+                out.put_u8(TAG_DELIVERED);
+                out.put_u64_le(*offset);
+                out.put_u32_le(*count);
+                out.put_u64_le(*time_us);
+            }
+            StateEntry::Floor { floor } => {
+                out.put_u8(TAG_FLOOR);
+                out.put_u64_le(*floor);
+            }
+            StateEntry::DlqRemoved { ranges } => {
+                out.put_u8(TAG_DLQ_REMOVED);
+                put_ranges(&mut out, ranges.iter().copied());
+            }
+            StateEntry::ResetAttempts { offset } => {
+                out.put_u8(TAG_RESET);
+                out.put_u64_le(*offset);
+            }
+            StateEntry::Snapshot(state) => {
+                out.put_u8(TAG_SNAPSHOT);
+                out.put_u64_le(state.settled.floor());
+                put_ranges(&mut out, state.settled.ranges.iter().map(|(s, e)| (*s, *e)));
+                out.put_u32_le(u32::try_from(state.attempts.len()).expect("attempts fit u32"));
+                for (offset, a) in &state.attempts {
+                    out.put_u64_le(*offset);
+                    out.put_u32_le(a.count);
+                    out.put_u64_le(a.first_delivery_us);
+                    out.put_u64_le(a.last_delivery_us);
+                }
+                out.put_u64_le(state.dlq_removed.floor());
+                put_ranges(
+                    &mut out,
+                    state.dlq_removed.ranges.iter().map(|(s, e)| (*s, *e)),
+                );
+            }
+            StateEntry::Dropped => out.put_u8(TAG_DROPPED),
+        }
+    }
+    out.freeze()
+}
+
+fn get_ranges(buf: &mut Bytes) -> Option<Vec<(u64, u64)>> {
+    let n = get_u32(buf)? as usize;
+    if buf.remaining() < n.checked_mul(16)? {
+        return None;
+    }
+    Some(
+        (0..n)
+            .map(|_| (buf.get_u64_le(), buf.get_u64_le()))
+            .collect(),
+    )
+}
+
+fn get_u64(buf: &mut Bytes) -> Option<u64> {
+    (buf.remaining() >= 8).then(|| buf.get_u64_le())
+}
+
+fn get_u32(buf: &mut Bytes) -> Option<u32> {
+    (buf.remaining() >= 4).then(|| buf.get_u32_le())
+}
+
+fn range_set(floor: u64, ranges: Vec<(u64, u64)>) -> RangeSet {
+    let mut set = RangeSet::with_floor(floor);
+    for (s, e) in ranges {
+        set.insert(s, e);
+    }
+    set
+}
+
+/// Decodes a payload made by [`encode_entries`]; `None` if malformed.
+pub fn decode_entries(mut buf: Bytes) -> Option<(u64, Vec<StateEntry>)> {
+    let sub = get_u64(&mut buf)?;
+    let mut entries = Vec::new();
+    while buf.has_remaining() {
+        let entry = match buf.get_u8() {
+            TAG_SETTLED => StateEntry::Settled {
+                ranges: get_ranges(&mut buf)?,
+            },
+            TAG_DELIVERED => StateEntry::Delivered {
+                offset: get_u64(&mut buf)?,
+                count: get_u32(&mut buf)?,
+                time_us: get_u64(&mut buf)?,
+            },
+            TAG_FLOOR => StateEntry::Floor {
+                floor: get_u64(&mut buf)?,
+            },
+            TAG_DLQ_REMOVED => StateEntry::DlqRemoved {
+                ranges: get_ranges(&mut buf)?,
+            },
+            TAG_RESET => StateEntry::ResetAttempts {
+                offset: get_u64(&mut buf)?,
+            },
+            TAG_SNAPSHOT => {
+                let floor = get_u64(&mut buf)?;
+                let settled = range_set(floor, get_ranges(&mut buf)?);
+                let n = get_u32(&mut buf)? as usize;
+                let mut attempts = BTreeMap::new();
+                for _ in 0..n {
+                    let offset = get_u64(&mut buf)?;
+                    let count = get_u32(&mut buf)?;
+                    let first_delivery_us = get_u64(&mut buf)?;
+                    let last_delivery_us = get_u64(&mut buf)?;
+                    attempts.insert(
+                        offset,
+                        Attempts {
+                            count,
+                            first_delivery_us,
+                            last_delivery_us,
+                        },
+                    );
+                }
+                let dlq_floor = get_u64(&mut buf)?;
+                let dlq_removed = range_set(dlq_floor, get_ranges(&mut buf)?);
+                StateEntry::Snapshot(Box::new(SubscriptionState {
+                    settled,
+                    attempts,
+                    dlq_removed,
+                }))
+            }
+            TAG_DROPPED => StateEntry::Dropped,
+            _ => return None,
+        };
+        entries.push(entry);
+    }
+    Some((sub, entries))
+}
+
+/// The broker-wide journal of subscription state changes.
+#[derive(Debug, Clone)]
+pub struct StateJournal {
+    log: Log,
+}
+
+impl StateJournal {
+    /// Opens the journal in `dir` and replays it. Returns the journal and
+    /// the state of every subscription it mentions (dropped ones excluded).
+    pub fn open(
+        fs: Arc<dyn Fs>,
+        dir: &Path,
+        config: LogConfig,
+    ) -> Result<(Self, HashMap<u64, SubscriptionState>)> {
+        let config = LogConfig {
+            tail_cache_bytes_max: 0,
+            ..config
+        };
+        let (log, report) = Log::open(fs, dir, config, Offset(0))?;
+        for finding in &report.findings {
+            tracing::warn!(%finding, "state journal recovery");
+        }
+        let mut states: HashMap<u64, SubscriptionState> = HashMap::new();
+        let mut from = log.first_offset();
+        loop {
+            let batch = match log.read(
+                from,
+                ReadLimits {
+                    records_max: 4096,
+                    bytes_max: 4 << 20,
+                },
+            ) {
+                Ok(batch) => batch,
+                Err(StorageError::Corrupt {
+                    next_readable,
+                    path,
+                    first,
+                    ..
+                }) => {
+                    tracing::error!(path = %path.display(), %first, %next_readable, "corrupt state journal records skipped");
+                    from = next_readable;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if batch.records.is_empty() {
+                break;
+            }
+            for record in &batch.records {
+                let Some((sub, entries)) = decode_entries(record.payload.clone()) else {
+                    return Err(StorageError::Format {
+                        path: dir.to_path_buf(),
+                        detail: format!("undecodable state entry at offset {}", record.offset),
+                    });
+                };
+                let state = states.entry(sub).or_default();
+                for entry in &entries {
+                    state.apply(entry);
+                }
+                if entries.last() == Some(&StateEntry::Dropped) {
+                    states.remove(&sub);
+                }
+            }
+            from = batch.next;
+        }
+        Ok((Self { log }, states))
+    }
+
+    /// Queues `entries` for subscription `sub`; their place in the journal
+    /// is fixed when this returns. Await the ticket for durability.
+    pub fn enqueue(&self, sub: u64, entries: &[StateEntry]) -> Result<AppendTicket> {
+        self.log.enqueue(&[NewRecord {
+            payload: encode_entries(sub, entries),
+            ..NewRecord::default()
+        }])
+    }
+
+    /// Bytes the journal holds on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.log.stats().disk_bytes
+    }
+
+    /// First step of compaction: the next write starts a new segment.
+    pub fn request_roll(&self) {
+        self.log.request_roll();
+    }
+
+    /// Last step of compaction: deletes segments wholly before `offset`.
+    pub fn truncate_before(&self, offset: Offset) -> Result<u32> {
+        self.log.truncate_before(offset)
+    }
+
+    /// Stops the journal's writer after syncing what is queued.
+    pub fn close(&self) {
+        self.log.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_set_merges_and_raises_the_floor() {
+        let mut s = RangeSet::with_floor(10);
+        assert_eq!(s.insert(12, 14), 2);
+        assert_eq!(s.insert(15, 16), 1);
+        assert_eq!(s.insert(14, 15), 1);
+        assert_eq!(s.ranges().collect::<Vec<_>>(), vec![(12, 16)]);
+        assert_eq!(s.insert(10, 12), 2);
+        assert_eq!(s.floor(), 16);
+        assert_eq!(s.range_count(), 0);
+        assert!(s.contains(15));
+        assert!(!s.contains(16));
+        assert_eq!(s.insert(5, 17), 1);
+        assert_eq!(s.floor(), 17);
+        s.insert(20, 30);
+        s.raise_floor(25);
+        assert_eq!(s.floor(), 30);
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        let mut state = SubscriptionState::starting_at(Offset(3));
+        state.apply(&StateEntry::Settled {
+            ranges: vec![(5, 7)],
+        });
+        state.apply(&StateEntry::Delivered {
+            offset: 3,
+            count: 2,
+            time_us: 9,
+        });
+        let entries = vec![
+            StateEntry::Settled {
+                ranges: vec![(1, 2), (4, 9)],
+            },
+            StateEntry::Delivered {
+                offset: 3,
+                count: 2,
+                time_us: 99,
+            },
+            StateEntry::Floor { floor: 7 },
+            StateEntry::DlqRemoved {
+                ranges: vec![(0, 1)],
+            },
+            StateEntry::ResetAttempts { offset: 4 },
+            StateEntry::Snapshot(Box::new(state)),
+            StateEntry::Dropped,
+        ];
+        let (sub, got) = decode_entries(encode_entries(42, &entries)).unwrap();
+        assert_eq!(sub, 42);
+        assert_eq!(got, entries);
+    }
+
+    #[test]
+    fn settling_forgets_attempts() {
+        let mut state = SubscriptionState::starting_at(Offset(0));
+        state.apply(&StateEntry::Delivered {
+            offset: 0,
+            count: 1,
+            time_us: 1,
+        });
+        state.apply(&StateEntry::Delivered {
+            offset: 1,
+            count: 1,
+            time_us: 1,
+        });
+        state.apply(&StateEntry::Settled {
+            ranges: vec![(0, 1)],
+        });
+        assert_eq!(state.settled.floor(), 1);
+        assert_eq!(state.attempts.keys().copied().collect::<Vec<_>>(), vec![1]);
+    }
+}
