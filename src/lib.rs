@@ -1,1 +1,4 @@
+pub mod api;
+pub mod broker;
 pub mod storage;
+pub mod server;

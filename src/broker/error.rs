@@ -1,0 +1,38 @@
+//! The broker layer's error type. The API layer maps it to a gRPC status
+//! in exactly one function (`api::status`).
+
+use crate::storage::StorageError;
+
+/// Errors from broker operations.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: &'static str, name: String },
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists { kind: &'static str, name: String },
+    /// Bad input; `field` names the offending request field.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    /// A configured limit was reached.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The request is valid but the system is not in a state to run it.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The broker is shutting down.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl BrokerError {
+    pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        BrokerError::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;

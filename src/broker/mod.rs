@@ -1,0 +1,793 @@
+//! The broker: topics, subscriptions, publishing, leases, acks, dead
+//! letters and administration, on top of the storage layer.
+//!
+//! - mod.rs: [`Broker`], the registry of topics and subscriptions, admin
+//!   operations, publish, the background ticker (lease expiry, retention,
+//!   journal compaction), open and close.
+//! - topic.rs: [`Topic`], a definition plus its one [`Log`].
+//! - subscription.rs: [`Subscription`], a cursor plus ack state over the
+//!   topic's log: leasing, acks, nacks, deadlines, dead-lettering.
+//! - dead_letter.rs: how dead letters are stored and decoded.
+//! - config.rs: settings and every limit.
+//!
+//! The broker knows nothing of gRPC: the API layer maps its types and
+//! errors to the protocol.
+
+pub mod config;
+pub mod dead_letter;
+pub mod error;
+pub mod subscription;
+pub mod topic;
+
+pub use config::BrokerConfig;
+pub use dead_letter::{DeadLetter, DeadLetterReason};
+pub use error::{BrokerError, Result};
+pub use subscription::{AckId, AckOutcome, ConsumerId, Delivery, LeaseLimits, MessageState, Subscription, SubscriptionStats};
+pub use topic::Topic;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::storage::io::{Fs, OsFs};
+use crate::storage::meta::{DeadLetterPolicy, MetaStore, Retention, RetryPolicy, SubscriptionDef, TopicDef};
+use crate::storage::state::{StateEntry, StateJournal, SubscriptionState};
+use crate::storage::{Appended, Log, LogConfig, NewRecord, Offset, StorageError};
+
+use subscription::now_us;
+use topic::TopicMap;
+
+const DIR_TOPICS: &str = "topics";
+const DIR_SUBSCRIPTIONS: &str = "subscriptions";
+const DIR_STATE: &str = "state";
+const DIR_META: &str = "meta";
+const DIR_DEAD_LETTERS: &str = "dead-letters";
+const LOCK_FILE: &str = "courier.lock";
+/// Suffix of a directory being deleted; removed again on open.
+const DELETING_SUFFIX: &str = ".deleting";
+/// Segment size of dead-letter logs.
+const DEAD_LETTER_SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+/// How often retention and journal compaction run.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+
+/// A new subscription, as an admin asks for it.
+#[derive(Debug, Clone, Default)]
+pub struct SubscriptionSpec {
+    pub name: String,
+    pub topic: String,
+    /// `None` = the default.
+    pub ack_deadline_ms: Option<u64>,
+    pub retry: RetryPolicy,
+    pub dead_letter: Option<DeadLetterPolicy>,
+    pub from_earliest: bool,
+}
+
+/// Which fields an update changes.
+#[derive(Debug, Clone, Default)]
+pub struct SubscriptionUpdate {
+    pub ack_deadline_ms: Option<Option<u64>>,
+    pub retry: Option<RetryPolicy>,
+    pub dead_letter: Option<Option<DeadLetterPolicy>>,
+}
+
+/// Topic figures.
+#[derive(Debug, Clone, Copy)]
+pub struct TopicStats {
+    pub first_offset: u64,
+    pub next_offset: u64,
+    pub retained_bytes: u64,
+    pub segments: u32,
+    pub subscriptions: u32,
+}
+
+/// Broker-wide figures.
+#[derive(Debug, Clone)]
+pub struct BrokerStats {
+    pub resident_memory_bytes: u64,
+    pub data_dir_bytes: u64,
+    pub uptime_ms: u64,
+    pub topics: u32,
+    pub subscriptions: u32,
+    pub fsync: String,
+}
+
+/// A message's status on each subscription of its topic.
+#[derive(Debug, Clone)]
+pub struct MessageStatus {
+    pub publish_time_us: Option<u64>,
+    pub subscriptions: Vec<(String, MessageState)>,
+}
+
+/// Which dead letters to redrive.
+#[derive(Debug, Clone, Default)]
+pub struct RedriveFilter {
+    /// Message ids; empty = all.
+    pub message_ids: Vec<u64>,
+    pub reason: Option<DeadLetterReason>,
+}
+
+/// The broker. Cloning shares it.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: BrokerConfig,
+    fs: Arc<dyn Fs>,
+    meta: MetaStore,
+    journal: StateJournal,
+    topics: Arc<TopicMap>,
+    subs: RwLock<HashMap<String, Arc<Subscription>>>,
+    /// Serializes admin changes (create, delete, update).
+    admin: tokio::sync::Mutex<()>,
+    shutting_down: AtomicBool,
+    started: Instant,
+    next_consumer: AtomicU64,
+    ticker: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    _lock: std::fs::File,
+}
+
+impl Broker {
+    /// Opens the data directory, recovers every log and the state journal,
+    /// and starts the background ticker. Must run inside a tokio runtime.
+    ///
+    /// # Errors
+    /// `Storage(Locked)` if another process holds the data directory.
+    pub async fn open(config: BrokerConfig) -> Result<Broker> {
+        let fs: Arc<dyn Fs> = Arc::new(OsFs);
+        let dir = config.data_dir.clone();
+        fs.create_dir_all(&dir).map_err(|e| StorageError::io(&dir, e))?;
+        let lock = lock_data_dir(&dir)?;
+        let meta = MetaStore::open(&dir.join(DIR_META))?;
+        let log_config = LogConfig {
+            segment_bytes_max: config.segment_bytes_max,
+            fsync: config.fsync,
+            tail_cache_bytes_max: config.tail_cache_bytes_max,
+            ..LogConfig::default()
+        };
+        let (journal, mut states) = StateJournal::open(fs.clone(), &dir.join(DIR_STATE), log_config.clone())?;
+        let topics: Arc<TopicMap> = Arc::new(RwLock::new(HashMap::new()));
+        let topic_defs = meta.topics()?;
+        let sub_defs = meta.subscriptions()?;
+        remove_orphans(fs.as_ref(), &dir.join(DIR_TOPICS), topic_defs.iter().map(|t| t.id))?;
+        remove_orphans(fs.as_ref(), &dir.join(DIR_SUBSCRIPTIONS), sub_defs.iter().map(|s| s.id))?;
+        for def in topic_defs {
+            let log = open_log(fs.clone(), &dir.join(DIR_TOPICS).join(def.id.to_string()), log_config.clone(), &def.name)?;
+            let name = def.name.clone();
+            topics.write().insert(name, Arc::new(Topic::new(def, log, Arc::downgrade(&topics))));
+        }
+        let broker = Broker {
+            inner: Arc::new(Inner {
+                fs,
+                meta,
+                journal,
+                topics,
+                subs: RwLock::new(HashMap::new()),
+                admin: tokio::sync::Mutex::new(()),
+                shutting_down: AtomicBool::new(false),
+                started: Instant::now(),
+                next_consumer: AtomicU64::new(1),
+                ticker: Mutex::new(None),
+                _lock: lock,
+                config,
+            }),
+        };
+        for def in sub_defs {
+            let Some(topic) = broker.topic(&def.topic).ok().filter(|t| t.def().id == def.topic_id) else {
+                tracing::warn!(subscription = %def.name, topic = %def.topic, "subscription's topic is gone; deleting it");
+                broker.inner.meta.delete_subscription(&def.name)?;
+                continue;
+            };
+            let state = states.remove(&def.id).unwrap_or_else(|| SubscriptionState::starting_at(Offset(def.start_offset)));
+            let sub = broker.attach_subscription(def, topic, state)?;
+            let fixed = sub.reconcile_dead_letters().await?;
+            if fixed > 0 {
+                tracing::info!(subscription = %sub.name(), fixed, "settled messages dead-lettered just before a crash");
+            }
+        }
+        let ticker = tokio::spawn(ticker_loop(Arc::downgrade(&broker.inner)));
+        *broker.inner.ticker.lock() = Some(ticker);
+        Ok(broker)
+    }
+
+    fn attach_subscription(&self, def: SubscriptionDef, topic: Arc<Topic>, state: SubscriptionState) -> Result<Arc<Subscription>> {
+        let dir = self.sub_dir(def.id).join(DIR_DEAD_LETTERS);
+        let dlq_config = LogConfig {
+            segment_bytes_max: DEAD_LETTER_SEGMENT_BYTES,
+            fsync: self.inner.config.fsync,
+            tail_cache_bytes_max: 0,
+            ..LogConfig::default()
+        };
+        let dlq = open_log(self.inner.fs.clone(), &dir, dlq_config, &def.name)?;
+        let name = def.name.clone();
+        let sub = Arc::new(Subscription::new(
+            def,
+            topic.clone(),
+            dlq,
+            self.inner.journal.clone(),
+            state,
+            self.inner.config.unacked_window_max,
+        ));
+        topic.subs.write().push(sub.clone());
+        self.inner.subs.write().insert(name, sub.clone());
+        Ok(sub)
+    }
+
+    fn sub_dir(&self, id: u64) -> PathBuf {
+        self.inner.config.data_dir.join(DIR_SUBSCRIPTIONS).join(id.to_string())
+    }
+
+    fn topic_dir(&self, id: u64) -> PathBuf {
+        self.inner.config.data_dir.join(DIR_TOPICS).join(id.to_string())
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.config
+    }
+
+    fn check_running(&self) -> Result<()> {
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(BrokerError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// A fresh consumer id for a stream.
+    pub fn new_consumer_id(&self) -> ConsumerId {
+        self.inner.next_consumer.fetch_add(1, Ordering::Relaxed)
+    }
+
+    // ----- topics -------------------------------------------------------
+
+    pub fn topic(&self, name: &str) -> Result<Arc<Topic>> {
+        self.inner.topics.read().get(name).cloned().ok_or_else(|| BrokerError::NotFound {
+            kind: "topic",
+            name: name.to_string(),
+        })
+    }
+
+    pub fn topics(&self) -> Vec<Arc<Topic>> {
+        let mut all: Vec<Arc<Topic>> = self.inner.topics.read().values().cloned().collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
+    pub async fn create_topic(&self, name: &str, retention: Retention) -> Result<Arc<Topic>> {
+        self.check_running()?;
+        config::check_name("name", name)?;
+        if retention.max_age_ms == Some(0) {
+            return Err(BrokerError::invalid("retention.max_age_ms", "must be at least 1 when set"));
+        }
+        if retention.max_bytes == Some(0) {
+            return Err(BrokerError::invalid("retention.max_bytes", "must be at least 1 when set"));
+        }
+        let _admin = self.inner.admin.lock().await;
+        if self.inner.topics.read().contains_key(name) {
+            return Err(BrokerError::AlreadyExists { kind: "topic", name: name.to_string() });
+        }
+        if self.inner.topics.read().len() >= self.inner.config.topics_max {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "the broker already has the maximum of {} topics",
+                self.inner.config.topics_max
+            )));
+        }
+        let def = TopicDef {
+            id: self.inner.meta.next_id()?,
+            name: name.to_string(),
+            retention,
+            created_ms: now_us() / 1000,
+        };
+        // The directory first: a crash before the definition is stored
+        // leaves an orphan directory, which the next open removes.
+        let log_config = LogConfig {
+            segment_bytes_max: self.inner.config.segment_bytes_max,
+            fsync: self.inner.config.fsync,
+            tail_cache_bytes_max: self.inner.config.tail_cache_bytes_max,
+            ..LogConfig::default()
+        };
+        let log = open_log(self.inner.fs.clone(), &self.topic_dir(def.id), log_config, name)?;
+        self.inner.meta.create_topic(&def).map_err(|e| match e {
+            StorageError::AlreadyExists { kind, name } => BrokerError::AlreadyExists { kind, name },
+            other => other.into(),
+        })?;
+        let topic = Arc::new(Topic::new(def, log, Arc::downgrade(&self.inner.topics)));
+        self.inner.topics.write().insert(name.to_string(), topic.clone());
+        tracing::info!(topic = name, "topic created");
+        Ok(topic)
+    }
+
+    /// Deletes a topic, its subscriptions and their files.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.check_running()?;
+        let _admin = self.inner.admin.lock().await;
+        let topic = self.topic(name)?;
+        let forwarding: Vec<String> = self
+            .inner
+            .subs
+            .read()
+            .values()
+            .filter(|s| s.def().dead_letter.and_then(|p| p.forward_topic).as_deref() == Some(name))
+            .filter(|s| s.def().topic != name)
+            .map(|s| s.name())
+            .collect();
+        if let Some(first) = forwarding.first() {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "topic {name:?} is the dead-letter forward topic of subscription {first:?}; change that policy first"
+            )));
+        }
+        for sub in topic.subscriptions() {
+            self.delete_subscription_locked(&sub.name()).await?;
+        }
+        self.inner.meta.delete_topic(name)?;
+        self.inner.topics.write().remove(name);
+        topic.log.close();
+        remove_dir(self.inner.fs.as_ref(), &self.topic_dir(topic.def().id))?;
+        tracing::info!(topic = name, "topic deleted");
+        Ok(())
+    }
+
+    pub fn topic_stats(&self, name: &str) -> Result<TopicStats> {
+        let topic = self.topic(name)?;
+        let s = topic.log.stats();
+        Ok(TopicStats {
+            first_offset: s.first_offset.0,
+            next_offset: s.next_offset.0,
+            retained_bytes: s.disk_bytes,
+            segments: s.segments,
+            subscriptions: u32::try_from(topic.subs.read().len()).unwrap_or(u32::MAX),
+        })
+    }
+
+    // ----- publish ------------------------------------------------------
+
+    /// Appends a batch to a topic; returns once it is durable under the
+    /// fsync mode. Message ids are the offsets of the batch.
+    pub async fn publish(&self, topic: &str, messages: Vec<NewRecord>) -> Result<Appended> {
+        self.check_running()?;
+        if messages.is_empty() {
+            return Err(BrokerError::invalid("messages", "must contain at least one message"));
+        }
+        if messages.len() > config::PUBLISH_BATCH_MESSAGES_MAX {
+            return Err(BrokerError::invalid(
+                "messages",
+                format!("has {} messages; at most {} per call", messages.len(), config::PUBLISH_BATCH_MESSAGES_MAX),
+            ));
+        }
+        for (i, m) in messages.iter().enumerate() {
+            self.check_message(i, m)?;
+        }
+        let topic = self.topic(topic)?;
+        Ok(topic.log.append(&messages).await?)
+    }
+
+    fn check_message(&self, i: usize, m: &NewRecord) -> Result<()> {
+        let field = |f: &str| format!("messages[{i}].{f}");
+        if m.attributes.len() > config::ATTRIBUTES_MAX {
+            return Err(BrokerError::invalid(field("attributes"), format!("has {} attributes; at most {}", m.attributes.len(), config::ATTRIBUTES_MAX)));
+        }
+        let mut size = m.payload.len() + m.ordering_key.len();
+        for a in &m.attributes {
+            if a.key.is_empty() {
+                return Err(BrokerError::invalid(field("attributes"), "keys must not be empty"));
+            }
+            if a.key.len() > config::ATTRIBUTE_KEY_BYTES_MAX {
+                return Err(BrokerError::invalid(field("attributes"), format!("key is {} bytes; at most {}", a.key.len(), config::ATTRIBUTE_KEY_BYTES_MAX)));
+            }
+            if a.value.len() > config::ATTRIBUTE_VALUE_BYTES_MAX {
+                return Err(BrokerError::invalid(field("attributes"), format!("value is {} bytes; at most {}", a.value.len(), config::ATTRIBUTE_VALUE_BYTES_MAX)));
+            }
+            size += a.key.len() + a.value.len();
+        }
+        if m.ordering_key.len() > config::ORDERING_KEY_BYTES_MAX {
+            return Err(BrokerError::invalid(field("ordering_key"), format!("is {} bytes; at most {}", m.ordering_key.len(), config::ORDERING_KEY_BYTES_MAX)));
+        }
+        if size > self.inner.config.message_bytes_max {
+            return Err(BrokerError::invalid(field("data"), format!("message is {size} bytes; the limit is {} bytes", self.inner.config.message_bytes_max)));
+        }
+        Ok(())
+    }
+
+    // ----- subscriptions ------------------------------------------------
+
+    pub fn subscription(&self, name: &str) -> Result<Arc<Subscription>> {
+        self.inner.subs.read().get(name).cloned().ok_or_else(|| BrokerError::NotFound {
+            kind: "subscription",
+            name: name.to_string(),
+        })
+    }
+
+    /// Subscriptions, all or of one topic, sorted by name.
+    pub fn subscriptions(&self, topic: Option<&str>) -> Result<Vec<Arc<Subscription>>> {
+        let mut all: Vec<Arc<Subscription>> = match topic {
+            Some(t) => self.topic(t)?.subscriptions(),
+            None => self.inner.subs.read().values().cloned().collect(),
+        };
+        all.sort_by_key(|s| s.name());
+        Ok(all)
+    }
+
+    fn check_policies(&self, ack_deadline_ms: u64, retry: &RetryPolicy, dead_letter: Option<&DeadLetterPolicy>, topic: &str) -> Result<()> {
+        if !(config::ACK_DEADLINE_MS_MIN..=config::ACK_DEADLINE_MS_MAX).contains(&ack_deadline_ms) {
+            return Err(BrokerError::invalid(
+                "ack_deadline_ms",
+                format!("{ack_deadline_ms} is outside {}..={}", config::ACK_DEADLINE_MS_MIN, config::ACK_DEADLINE_MS_MAX),
+            ));
+        }
+        if retry.min_backoff_ms > config::BACKOFF_MS_MAX {
+            return Err(BrokerError::invalid("retry_policy.min_backoff_ms", format!("at most {}", config::BACKOFF_MS_MAX)));
+        }
+        if retry.max_backoff_ms > config::BACKOFF_MS_MAX {
+            return Err(BrokerError::invalid("retry_policy.max_backoff_ms", format!("at most {}", config::BACKOFF_MS_MAX)));
+        }
+        if retry.max_backoff_ms < retry.min_backoff_ms {
+            return Err(BrokerError::invalid("retry_policy.max_backoff_ms", "must not be below min_backoff_ms"));
+        }
+        if let Some(p) = dead_letter {
+            if !(config::DELIVERY_ATTEMPTS_MIN..=config::DELIVERY_ATTEMPTS_MAX).contains(&p.max_delivery_attempts) {
+                return Err(BrokerError::invalid(
+                    "dead_letter_policy.max_delivery_attempts",
+                    format!("{} is outside {}..={}", p.max_delivery_attempts, config::DELIVERY_ATTEMPTS_MIN, config::DELIVERY_ATTEMPTS_MAX),
+                ));
+            }
+            if let Some(fwd) = &p.forward_topic {
+                config::check_name("dead_letter_policy.forward_topic", fwd)?;
+                if fwd == topic {
+                    return Err(BrokerError::invalid("dead_letter_policy.forward_topic", "must differ from the subscription's own topic"));
+                }
+                self.topic(fwd)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn create_subscription(&self, spec: SubscriptionSpec) -> Result<Arc<Subscription>> {
+        self.check_running()?;
+        config::check_name("name", &spec.name)?;
+        config::check_name("topic", &spec.topic)?;
+        let ack_deadline_ms = spec.ack_deadline_ms.unwrap_or(config::ACK_DEADLINE_MS_DEFAULT);
+        self.check_policies(ack_deadline_ms, &spec.retry, spec.dead_letter.as_ref(), &spec.topic)?;
+        let _admin = self.inner.admin.lock().await;
+        let topic = self.topic(&spec.topic)?;
+        if self.inner.subs.read().contains_key(&spec.name) {
+            return Err(BrokerError::AlreadyExists { kind: "subscription", name: spec.name });
+        }
+        if self.inner.subs.read().len() >= self.inner.config.subscriptions_max {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "the broker already has the maximum of {} subscriptions",
+                self.inner.config.subscriptions_max
+            )));
+        }
+        let start = if spec.from_earliest { topic.log.first_offset() } else { topic.log.next_offset() };
+        let def = SubscriptionDef {
+            id: self.inner.meta.next_id()?,
+            name: spec.name.clone(),
+            topic: spec.topic.clone(),
+            topic_id: topic.def().id,
+            ack_deadline_ms,
+            retry: spec.retry,
+            dead_letter: spec.dead_letter,
+            from_earliest: spec.from_earliest,
+            start_offset: start.0,
+            created_ms: now_us() / 1000,
+        };
+        self.inner.meta.create_subscription(&def)?;
+        let sub = self.attach_subscription(def, topic, SubscriptionState::starting_at(start))?;
+        tracing::info!(subscription = %spec.name, topic = %spec.topic, "subscription created");
+        Ok(sub)
+    }
+
+    pub async fn update_subscription(&self, name: &str, update: SubscriptionUpdate) -> Result<Arc<Subscription>> {
+        self.check_running()?;
+        let _admin = self.inner.admin.lock().await;
+        let sub = self.subscription(name)?;
+        let mut def = sub.def();
+        if let Some(d) = update.ack_deadline_ms {
+            def.ack_deadline_ms = d.unwrap_or(config::ACK_DEADLINE_MS_DEFAULT);
+        }
+        if let Some(r) = update.retry {
+            def.retry = r;
+        }
+        if let Some(d) = update.dead_letter {
+            def.dead_letter = d;
+        }
+        self.check_policies(def.ack_deadline_ms, &def.retry, def.dead_letter.as_ref(), &def.topic)?;
+        self.inner.meta.update_subscription(&def)?;
+        sub.set_def(def);
+        Ok(sub)
+    }
+
+    pub async fn delete_subscription(&self, name: &str) -> Result<()> {
+        self.check_running()?;
+        let _admin = self.inner.admin.lock().await;
+        self.delete_subscription_locked(name).await
+    }
+
+    async fn delete_subscription_locked(&self, name: &str) -> Result<()> {
+        let sub = self.subscription(name)?;
+        self.inner.meta.delete_subscription(name)?;
+        self.inner.subs.write().remove(name);
+        sub.topic.subs.write().retain(|s| !Arc::ptr_eq(s, &sub));
+        sub.mark_deleted();
+        let ticket = self.inner.journal.enqueue(sub.id(), &[StateEntry::Dropped])?;
+        ticket.wait().await?;
+        sub.dlq.close();
+        remove_dir(self.inner.fs.as_ref(), &self.sub_dir(sub.id()))?;
+        tracing::info!(subscription = name, "subscription deleted");
+        Ok(())
+    }
+
+    // ----- dead letters -------------------------------------------------
+
+    /// Puts dead letters back into their subscription (only that one), with
+    /// attempts reset. Returns how many.
+    pub async fn redrive(&self, subscription: &str, filter: RedriveFilter) -> Result<u64> {
+        self.check_running()?;
+        let sub = self.subscription(subscription)?;
+        let (all, _) = sub.dead_letters(Offset(0), usize::MAX)?;
+        let chosen: Vec<DeadLetter> = all
+            .into_iter()
+            .filter(|dl| filter.message_ids.is_empty() || filter.message_ids.contains(&dl.message.message_id))
+            .filter(|dl| filter.reason.is_none_or(|r| r == dl.reason))
+            .collect();
+        if chosen.is_empty() {
+            return Ok(0);
+        }
+        let target = sub.id();
+        for chunk in chosen.chunks(config::PUBLISH_BATCH_MESSAGES_MAX) {
+            let records: Vec<NewRecord> = chunk
+                .iter()
+                .map(|dl| NewRecord {
+                    message_id: Some(dl.message.message_id),
+                    target: Some(target),
+                    attributes: dl.message.attributes.clone(),
+                    ordering_key: dl.message.ordering_key.clone(),
+                    payload: dl.message.payload.clone(),
+                })
+                .collect();
+            sub.topic.log.append(&records).await?;
+            sub.remove_dead_letters(chunk.iter().map(|dl| dl.dlq_offset.0).collect()).await?;
+        }
+        tracing::info!(subscription, count = chosen.len(), "dead letters redriven");
+        Ok(chosen.len() as u64)
+    }
+
+    /// Removes every dead letter of a subscription.
+    pub async fn purge_dead_letters(&self, subscription: &str) -> Result<u64> {
+        self.check_running()?;
+        let sub = self.subscription(subscription)?;
+        let (all, _) = sub.dead_letters(Offset(0), usize::MAX)?;
+        let n = all.len() as u64;
+        sub.remove_dead_letters(all.iter().map(|dl| dl.dlq_offset.0).collect()).await?;
+        Ok(n)
+    }
+
+    // ----- status -------------------------------------------------------
+
+    /// Where a message is on every subscription of its topic.
+    pub fn message_status(&self, topic: &str, message_id: u64) -> Result<MessageStatus> {
+        let topic = self.topic(topic)?;
+        if message_id >= topic.log.next_offset().0 {
+            return Err(BrokerError::NotFound {
+                kind: "message",
+                name: format!("{message_id} in topic {}", topic.name()),
+            });
+        }
+        let publish_time_us = topic
+            .log
+            .read(Offset(message_id), crate::storage::ReadLimits { records_max: 1, bytes_max: 1 })
+            .ok()
+            .and_then(|b| b.records.into_iter().next())
+            .filter(|r| r.offset.0 == message_id)
+            .map(|r| r.publish_time_us);
+        let mut subs = topic.subscriptions();
+        subs.sort_by_key(|s| s.name());
+        let mut out = Vec::with_capacity(subs.len());
+        for sub in subs {
+            out.push((sub.name(), sub.message_state(message_id)?));
+        }
+        Ok(MessageStatus {
+            publish_time_us,
+            subscriptions: out,
+        })
+    }
+
+    pub fn broker_stats(&self) -> BrokerStats {
+        BrokerStats {
+            resident_memory_bytes: resident_memory_bytes().unwrap_or(0),
+            data_dir_bytes: dir_bytes(&self.inner.config.data_dir),
+            uptime_ms: u64::try_from(self.inner.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            topics: u32::try_from(self.inner.topics.read().len()).unwrap_or(u32::MAX),
+            subscriptions: u32::try_from(self.inner.subs.read().len()).unwrap_or(u32::MAX),
+            fsync: self.inner.config.fsync.to_string(),
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Starts shutting down: new operations fail with `ShuttingDown`.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::Release);
+        for sub in self.inner.subs.read().values() {
+            sub.mark_deleted();
+        }
+    }
+
+    /// Stops the ticker and closes every log after syncing it.
+    pub fn close(&self) {
+        self.begin_shutdown();
+        if let Some(t) = self.inner.ticker.lock().take() {
+            t.abort();
+        }
+        for topic in self.inner.topics.read().values() {
+            topic.log.close();
+        }
+        for sub in self.inner.subs.read().values() {
+            sub.dlq.close();
+        }
+        self.inner.journal.close();
+    }
+
+    // ----- housekeeping -------------------------------------------------
+
+    /// Deletes what retention allows, and compacts the journal when due.
+    pub async fn housekeeping(&self) -> Result<()> {
+        for topic in self.topics() {
+            let def = topic.def();
+            if def.retention.max_age_ms.is_some() || def.retention.max_bytes.is_some() {
+                topic.log.enforce_retention(def.retention.max_age_ms.map(|ms| ms * 1000), def.retention.max_bytes)?;
+                let first = topic.log.first_offset();
+                for sub in topic.subscriptions() {
+                    sub.skip_below(first).await?;
+                }
+            }
+            let subs = topic.subscriptions();
+            let floor = subs.iter().map(|s| s.ack_floor()).min().unwrap_or_else(|| topic.log.next_offset());
+            topic.log.truncate_before(floor)?;
+            for sub in subs {
+                sub.dlq.truncate_before(sub.dlq_floor())?;
+            }
+        }
+        if self.inner.journal.disk_bytes() > self.inner.config.journal_compact_bytes {
+            self.compact_journal().await?;
+        }
+        Ok(())
+    }
+
+    async fn compact_journal(&self) -> Result<()> {
+        let before = self.inner.journal.disk_bytes();
+        self.inner.journal.request_roll();
+        let subs: Vec<Arc<Subscription>> = self.inner.subs.read().values().cloned().collect();
+        let mut first = None;
+        let mut tickets = Vec::with_capacity(subs.len());
+        for sub in &subs {
+            tickets.push(sub.snapshot()?);
+        }
+        for t in tickets {
+            let appended = t.wait().await?;
+            first = Some(first.map_or(appended.base_offset, |f: Offset| f.min(appended.base_offset)));
+        }
+        if let Some(first) = first {
+            self.inner.journal.truncate_before(first)?;
+        }
+        tracing::info!(before, after = self.inner.journal.disk_bytes(), "state journal compacted");
+        Ok(())
+    }
+}
+
+async fn ticker_loop(inner: std::sync::Weak<Inner>) {
+    let tick = match inner.upgrade() {
+        Some(i) => Duration::from_millis(i.config.tick_ms.max(1)),
+        None => return,
+    };
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_housekeeping = Instant::now();
+    loop {
+        interval.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let broker = Broker { inner };
+        if broker.is_shutting_down() {
+            return;
+        }
+        let subs: Vec<Arc<Subscription>> = broker.inner.subs.read().values().cloned().collect();
+        for sub in subs {
+            sub.tick().await;
+        }
+        if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
+            last_housekeeping = Instant::now();
+            if let Err(e) = broker.housekeeping().await {
+                tracing::error!(error = %e, "housekeeping failed");
+            }
+        }
+    }
+}
+
+fn open_log(fs: Arc<dyn Fs>, dir: &Path, config: LogConfig, name: &str) -> Result<Log> {
+    let (log, report) = Log::open(fs, dir, config, Offset(0))?;
+    for finding in &report.findings {
+        tracing::warn!(log = name, %finding, "recovery");
+    }
+    if report.truncated_bytes > 0 {
+        tracing::warn!(log = name, bytes = report.truncated_bytes, "recovery truncated a torn or corrupt tail");
+    }
+    Ok(log)
+}
+
+/// Renames a directory aside, syncs the parent, then removes it: a crash
+/// half-way leaves a `.deleting` directory that the next open removes.
+fn remove_dir(fs: &dyn Fs, dir: &Path) -> Result<()> {
+    if !fs.exists(dir) {
+        return Ok(());
+    }
+    let mut doomed = dir.as_os_str().to_owned();
+    doomed.push(DELETING_SUFFIX);
+    let doomed = PathBuf::from(doomed);
+    fs.rename(dir, &doomed).map_err(|e| StorageError::io(dir, e))?;
+    if let Some(parent) = dir.parent() {
+        fs.sync_dir(parent).map_err(|e| StorageError::io(parent, e))?;
+    }
+    fs.remove_dir_all(&doomed).map_err(|e| StorageError::io(&doomed, e))?;
+    Ok(())
+}
+
+/// Removes directories under `parent` that belong to no known id.
+fn remove_orphans(fs: &dyn Fs, parent: &Path, ids: impl Iterator<Item = u64>) -> Result<()> {
+    if !fs.exists(parent) {
+        fs.create_dir_all(parent).map_err(|e| StorageError::io(parent, e))?;
+        return Ok(());
+    }
+    let known: std::collections::HashSet<String> = ids.map(|id| id.to_string()).collect();
+    for name in fs.list_dir(parent).map_err(|e| StorageError::io(parent, e))? {
+        if !known.contains(&name) {
+            tracing::info!(dir = %parent.join(&name).display(), "removing leftover directory");
+            fs.remove_dir_all(&parent.join(&name)).map_err(|e| StorageError::io(parent.join(&name), e))?;
+        }
+    }
+    Ok(())
+}
+
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
+    use fs2::FileExt;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StorageError::io(&path, e))?;
+    if file.try_lock_exclusive().is_err() {
+        return Err(StorageError::Locked { path: dir.to_path_buf(), lock: path }.into());
+    }
+    Ok(file)
+}
+
+/// Resident set size of this process, from /proc.
+pub fn resident_memory_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
+/// Bytes of all files below `dir`.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}

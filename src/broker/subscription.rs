@@ -1,0 +1,912 @@
+//! A subscription: a cursor plus ack state over its topic's one log.
+//!
+//! Invariants (held under `Subscription::core`):
+//! - Every offset below `cursor` that is not settled is in exactly one of
+//!   `leases` (delivered, awaiting ack), `ready` (waiting for redelivery)
+//!   or `dead_lettering` (being moved to the dead-letter queue).
+//! - `cursor - settled.floor() <= unacked_window_max`: memory for leases and
+//!   attempts is bounded by configuration, not by the backlog.
+//! - A delivery's attempt number is journaled (and durable under the fsync
+//!   mode) before the delivery is handed to a consumer, so attempt numbers
+//!   are exact across crashes.
+//! - A message is moved to the dead-letter queue exactly once: the dead
+//!   letter is appended and durable before the offset is settled, and on
+//!   open any dead letter whose offset is not settled is settled then.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+
+use crate::broker::dead_letter::{self, DeadLetter, DeadLetterMeta, DeadLetterReason};
+use crate::broker::error::{BrokerError, Result};
+use crate::broker::topic::Topic;
+use crate::storage::meta::SubscriptionDef;
+use crate::storage::state::{StateEntry, StateJournal, SubscriptionState};
+use crate::storage::{Log, NewRecord, Offset, ReadLimits, Record, StorageError};
+
+/// Identifies the consumer holding a lease: a StreamingPull stream, or
+/// [`PULL_CONSUMER`] for unary Pull.
+pub type ConsumerId = u64;
+/// The consumer id of leases handed out by unary Pull.
+pub const PULL_CONSUMER: ConsumerId = 0;
+
+/// A message handed to a consumer.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub ack_id: AckId,
+    pub attempt: u32,
+    pub record: Record,
+}
+
+/// Names one delivery of one message: its offset and attempt number.
+/// Printed as `{offset}-{attempt}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AckId {
+    pub offset: u64,
+    pub attempt: u32,
+}
+
+impl std::fmt::Display for AckId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.offset, self.attempt)
+    }
+}
+
+impl std::str::FromStr for AckId {
+    type Err = ();
+    fn from_str(s: &str) -> std::result::Result<Self, ()> {
+        let (offset, attempt) = s.split_once('-').ok_or(())?;
+        Ok(AckId {
+            offset: offset.parse().map_err(|_| ())?,
+            attempt: attempt.parse().map_err(|_| ())?,
+        })
+    }
+}
+
+/// Outcome of one ack, nack or deadline change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome {
+    Ok,
+    /// Malformed, never delivered, or already settled.
+    Unknown,
+    /// A newer delivery of the message exists; the operation was ignored.
+    Stale,
+}
+
+/// Limits of one lease call.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseLimits {
+    pub messages_max: usize,
+    /// Payload bytes; one message is always allowed when `allow_oversize`.
+    pub bytes_max: u64,
+    pub allow_oversize: bool,
+    pub deadline: Duration,
+}
+
+/// What a consumer holds right now.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outstanding {
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    attempt: u32,
+    deadline: Instant,
+    consumer: ConsumerId,
+    bytes: u64,
+}
+
+/// State of a message a status lookup reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageState {
+    NotSubscribed,
+    Pending { attempts: u32 },
+    InFlight { attempt: u32, deadline_us: u64 },
+    Acked,
+    DeadLettered { reason: DeadLetterReason, reason_text: String },
+}
+
+/// Per-subscription figures.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SubscriptionStats {
+    pub backlog_messages: u64,
+    pub backlog_bytes: u64,
+    pub in_flight_messages: u64,
+    pub dead_lettered_messages: u64,
+    pub oldest_unacked_age_ms: Option<u64>,
+    pub ack_floor: u64,
+}
+
+#[derive(Debug)]
+struct Core {
+    state: SubscriptionState,
+    /// Next offset of the topic not yet read for a first delivery.
+    cursor: u64,
+    leases: HashMap<u64, Lease>,
+    /// (deadline, offset) of every lease.
+    deadlines: BTreeSet<(Instant, u64)>,
+    /// (ready at, offset) of messages waiting for redelivery.
+    ready: BTreeSet<(Instant, u64)>,
+    ready_at: HashMap<u64, Instant>,
+    dead_lettering: HashSet<u64>,
+    consumers: HashMap<ConsumerId, Outstanding>,
+}
+
+/// One subscription. Shared by the broker, its streams and the ticker.
+#[derive(Debug)]
+pub struct Subscription {
+    def: RwLock<SubscriptionDef>,
+    pub(crate) topic: Arc<Topic>,
+    pub(crate) dlq: Log,
+    journal: StateJournal,
+    core: Mutex<Core>,
+    /// Signalled when a redelivery becomes ready or the subscription is
+    /// deleted.
+    wake: Notify,
+    deleted: AtomicBool,
+    window_max: u64,
+}
+
+pub(crate) fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn instant_to_unix_us(at: Instant) -> u64 {
+    let now = Instant::now();
+    let now_us = now_us();
+    if at >= now {
+        now_us + u64::try_from((at - now).as_micros()).unwrap_or(u64::MAX)
+    } else {
+        now_us.saturating_sub(u64::try_from((now - at).as_micros()).unwrap_or(u64::MAX))
+    }
+}
+
+/// Turns sorted offsets into half-open ranges.
+fn ranges_of(mut offsets: Vec<u64>) -> Vec<(u64, u64)> {
+    offsets.sort_unstable();
+    offsets.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for o in offsets {
+        match out.last_mut() {
+            Some((_, end)) if *end == o => *end = o + 1,
+            _ => out.push((o, o + 1)),
+        }
+    }
+    out
+}
+
+impl Core {
+    fn settle(&mut self, offsets: &[u64]) -> Vec<(u64, u64)> {
+        for o in offsets {
+            self.remove_lease(*o);
+            if let Some(at) = self.ready_at.remove(o) {
+                self.ready.remove(&(at, *o));
+            }
+        }
+        let ranges = ranges_of(offsets.to_vec());
+        let entry = StateEntry::Settled { ranges: ranges.clone() };
+        self.state.apply(&entry);
+        ranges
+    }
+
+    fn remove_lease(&mut self, offset: u64) -> Option<Lease> {
+        let lease = self.leases.remove(&offset)?;
+        self.deadlines.remove(&(lease.deadline, offset));
+        if let Some(o) = self.consumers.get_mut(&lease.consumer) {
+            o.messages = o.messages.saturating_sub(1);
+            o.bytes = o.bytes.saturating_sub(lease.bytes);
+        }
+        Some(lease)
+    }
+
+    fn schedule(&mut self, offset: u64, at: Instant) {
+        self.ready.insert((at, offset));
+        self.ready_at.insert(offset, at);
+    }
+
+    fn attempts(&self, offset: u64) -> u32 {
+        self.state.attempts.get(&offset).map_or(0, |a| a.count)
+    }
+}
+
+impl Subscription {
+    pub(crate) fn new(def: SubscriptionDef, topic: Arc<Topic>, dlq: Log, journal: StateJournal, state: SubscriptionState, window_max: u64) -> Self {
+        let cursor = state.settled.floor();
+        Self {
+            def: RwLock::new(def),
+            topic,
+            dlq,
+            journal,
+            core: Mutex::new(Core {
+                state,
+                cursor,
+                leases: HashMap::new(),
+                deadlines: BTreeSet::new(),
+                ready: BTreeSet::new(),
+                ready_at: HashMap::new(),
+                dead_lettering: HashSet::new(),
+                consumers: HashMap::new(),
+            }),
+            wake: Notify::new(),
+            deleted: AtomicBool::new(false),
+            window_max,
+        }
+    }
+
+    /// The subscription's definition.
+    pub fn def(&self) -> SubscriptionDef {
+        self.def.read().clone()
+    }
+
+    pub(crate) fn set_def(&self, def: SubscriptionDef) {
+        *self.def.write() = def;
+    }
+
+    pub fn id(&self) -> u64 {
+        self.def.read().id
+    }
+
+    pub fn name(&self) -> String {
+        self.def.read().name.clone()
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_deleted(&self) {
+        self.deleted.store(true, Ordering::Release);
+        self.wake.notify_waiters();
+    }
+
+    /// Waits until something may have become deliverable: a new record in
+    /// the topic, a redelivery coming due, or `timeout`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only waits.
+    pub async fn wait_for_work(&self, timeout: Duration) {
+        let mut watch = self.topic.log.watch();
+        let notified = self.wake.notified();
+        tokio::select! {
+            _ = watch.changed() => {}
+            _ = notified => {}
+            _ = tokio::time::sleep(timeout) => {}
+        }
+    }
+
+    /// Registers a consumer (a stream) so its outstanding leases are
+    /// counted.
+    pub fn register_consumer(&self, consumer: ConsumerId) {
+        self.core.lock().consumers.entry(consumer).or_default();
+    }
+
+    /// What `consumer` holds now.
+    pub fn outstanding(&self, consumer: ConsumerId) -> Outstanding {
+        self.core.lock().consumers.get(&consumer).copied().unwrap_or_default()
+    }
+
+    /// Leases up to the limits: ready redeliveries first, then new messages
+    /// from the cursor. Each delivery's attempt number is durable before
+    /// this returns.
+    pub async fn lease(&self, consumer: ConsumerId, limits: LeaseLimits) -> Result<Vec<Delivery>> {
+        if self.is_deleted() {
+            return Err(BrokerError::NotFound { kind: "subscription", name: self.name() });
+        }
+        let my_id = self.id();
+        let mut picked: Vec<Record> = Vec::new();
+        let mut entries = Vec::new();
+        let mut skipped = Vec::new();
+        let mut lost = Vec::new();
+        let (deliveries, ticket) = {
+            let mut core = self.core.lock();
+            let now = Instant::now();
+            let now_us = now_us();
+            let mut bytes = 0u64;
+            let fits = |n: usize, bytes: u64, size: u64| {
+                n < limits.messages_max && (bytes + size <= limits.bytes_max || (n == 0 && limits.allow_oversize))
+            };
+            // Redeliveries that are due.
+            while let Some(&(at, offset)) = core.ready.first() {
+                if at > now || picked.len() >= limits.messages_max {
+                    break;
+                }
+                let record = match self.read_one(offset) {
+                    Ok(Some(r)) => r,
+                    Ok(None) | Err(_) => {
+                        // Gone to retention or unreadable: nothing to deliver.
+                        core.ready.remove(&(at, offset));
+                        core.ready_at.remove(&offset);
+                        lost.push(offset);
+                        continue;
+                    }
+                };
+                let size = record.payload.len() as u64;
+                if !fits(picked.len(), bytes, size) {
+                    break;
+                }
+                core.ready.remove(&(at, offset));
+                core.ready_at.remove(&offset);
+                bytes += size;
+                picked.push(record);
+            }
+            // New messages from the cursor, within the unacked window.
+            'fill: while picked.len() < limits.messages_max {
+                let floor = core.state.settled.floor();
+                let window_left = (floor + self.window_max).saturating_sub(core.cursor);
+                if window_left == 0 {
+                    break;
+                }
+                let want = (limits.messages_max - picked.len()).min(usize::try_from(window_left).unwrap_or(usize::MAX));
+                let batch = match self.topic.log.read(Offset(core.cursor), ReadLimits { records_max: want, bytes_max: 4 << 20 }) {
+                    Ok(b) => b,
+                    Err(StorageError::Corrupt { first, next_readable, path, detail }) => {
+                        tracing::error!(subscription = %self.name(), path = %path.display(), %first, %next_readable, detail, "skipping corrupt records");
+                        for o in core.cursor.max(first.0)..next_readable.0 {
+                            lost.push(o);
+                        }
+                        core.cursor = core.cursor.max(next_readable.0);
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if batch.records.is_empty() {
+                    // Records below the log's first offset are gone.
+                    if batch.next.0 > core.cursor {
+                        lost.extend(core.cursor..batch.next.0);
+                        core.cursor = batch.next.0;
+                        continue;
+                    }
+                    break;
+                }
+                for record in batch.records {
+                    let offset = record.offset.0;
+                    if offset > core.cursor {
+                        lost.extend(core.cursor..offset);
+                    }
+                    if core.state.settled.contains(offset) {
+                        core.cursor = offset + 1;
+                        continue;
+                    }
+                    if record.target.is_some_and(|t| t != my_id) {
+                        // A redrive meant for another subscription.
+                        skipped.push(offset);
+                        core.cursor = offset + 1;
+                        continue;
+                    }
+                    let size = record.payload.len() as u64;
+                    if !fits(picked.len(), bytes, size) {
+                        break 'fill;
+                    }
+                    bytes += size;
+                    core.cursor = offset + 1;
+                    picked.push(record);
+                }
+            }
+            let mut out = Vec::with_capacity(picked.len());
+            for record in picked {
+                let offset = record.offset.0;
+                let attempt = core.attempts(offset) + 1;
+                let entry = StateEntry::Delivered { offset, count: attempt, time_us: now_us };
+                core.state.apply(&entry);
+                entries.push(entry);
+                let deadline = now + limits.deadline;
+                let bytes = record.payload.len() as u64;
+                core.leases.insert(offset, Lease { attempt, deadline, consumer, bytes });
+                core.deadlines.insert((deadline, offset));
+                let o = core.consumers.entry(consumer).or_default();
+                o.messages += 1;
+                o.bytes += bytes;
+                out.push(Delivery { ack_id: AckId { offset, attempt }, attempt, record });
+            }
+            let mut settle_now = skipped;
+            settle_now.extend(lost.iter().copied());
+            if !settle_now.is_empty() {
+                let ranges = core.settle(&settle_now);
+                entries.push(StateEntry::Settled { ranges });
+            }
+            let ticket = if entries.is_empty() { None } else { Some(self.journal.enqueue(self.id(), &entries)?) };
+            (out, ticket)
+        };
+        if !lost.is_empty() {
+            tracing::warn!(subscription = %self.name(), count = lost.len(), "messages lost to retention or corruption were skipped");
+        }
+        if let Some(ticket) = ticket {
+            ticket.wait().await?;
+        }
+        Ok(deliveries)
+    }
+
+    fn read_one(&self, offset: u64) -> Result<Option<Record>, StorageError> {
+        let batch = self.topic.log.read(Offset(offset), ReadLimits { records_max: 1, bytes_max: 1 })?;
+        Ok(batch.records.into_iter().next().filter(|r| r.offset.0 == offset))
+    }
+
+    /// Acknowledges deliveries; durable when this returns.
+    pub async fn ack(&self, ids: &[Option<AckId>]) -> Result<Vec<AckOutcome>> {
+        let (outcomes, ticket) = {
+            let mut core = self.core.lock();
+            let mut settle = Vec::new();
+            let outcomes: Vec<AckOutcome> = ids
+                .iter()
+                .map(|id| {
+                    let Some(id) = id else { return AckOutcome::Unknown };
+                    let outcome = Self::check_current(&core, *id);
+                    if outcome == AckOutcome::Ok {
+                        settle.push(id.offset);
+                    }
+                    outcome
+                })
+                .collect();
+            let ticket = if settle.is_empty() {
+                None
+            } else {
+                let ranges = core.settle(&settle);
+                Some(self.journal.enqueue(self.id(), &[StateEntry::Settled { ranges }])?)
+            };
+            (outcomes, ticket)
+        };
+        if let Some(ticket) = ticket {
+            ticket.wait().await?;
+        }
+        Ok(outcomes)
+    }
+
+    /// Whether `id` names the current delivery of an unsettled message.
+    fn check_current(core: &Core, id: AckId) -> AckOutcome {
+        if core.state.settled.contains(id.offset) || id.offset >= core.cursor {
+            return AckOutcome::Unknown;
+        }
+        if core.dead_lettering.contains(&id.offset) {
+            return AckOutcome::Stale;
+        }
+        match core.leases.get(&id.offset) {
+            Some(lease) if lease.attempt == id.attempt => AckOutcome::Ok,
+            Some(_) => AckOutcome::Stale,
+            // Expired or released but not yet redelivered: the consumer's
+            // ack of the latest delivery still counts.
+            None if core.attempts(id.offset) == id.attempt => AckOutcome::Ok,
+            None if core.attempts(id.offset) > id.attempt => AckOutcome::Stale,
+            None => AckOutcome::Unknown,
+        }
+    }
+
+    /// Changes lease deadlines; `deadline` zero nacks.
+    pub async fn modify_deadline(&self, ids: &[Option<AckId>], deadline: Duration) -> Result<Vec<AckOutcome>> {
+        if deadline.is_zero() {
+            return self.nack(ids, None).await;
+        }
+        let mut core = self.core.lock();
+        let now = Instant::now();
+        Ok(ids
+            .iter()
+            .map(|id| {
+                let Some(id) = id else { return AckOutcome::Unknown };
+                match core.leases.get(&id.offset).copied() {
+                    Some(lease) if lease.attempt == id.attempt => {
+                        core.deadlines.remove(&(lease.deadline, id.offset));
+                        let new = now + deadline;
+                        core.deadlines.insert((new, id.offset));
+                        core.leases.insert(id.offset, Lease { deadline: new, ..lease });
+                        AckOutcome::Ok
+                    }
+                    _ => match Self::check_current(&core, *id) {
+                        // Not leased any more: too late to extend.
+                        AckOutcome::Ok => AckOutcome::Stale,
+                        other => other,
+                    },
+                }
+            })
+            .collect())
+    }
+
+    /// Nacks deliveries: each is redelivered after the retry backoff, or
+    /// dead-lettered if `reject` is given or attempts are exhausted. Dead
+    /// letters are durable when this returns.
+    pub async fn nack(&self, ids: &[Option<AckId>], reject: Option<&str>) -> Result<Vec<AckOutcome>> {
+        let def = self.def();
+        let mut to_dead_letter = Vec::new();
+        let outcomes = {
+            let mut core = self.core.lock();
+            let now = Instant::now();
+            ids.iter()
+                .map(|id| {
+                    let Some(id) = id else { return AckOutcome::Unknown };
+                    let outcome = Self::check_current(&core, *id);
+                    if outcome != AckOutcome::Ok {
+                        return outcome;
+                    }
+                    core.remove_lease(id.offset);
+                    if let Some(at) = core.ready_at.remove(&id.offset) {
+                        core.ready.remove(&(at, id.offset));
+                    }
+                    let attempts = core.attempts(id.offset);
+                    if let Some(text) = reject {
+                        core.dead_lettering.insert(id.offset);
+                        to_dead_letter.push((id.offset, DeadLetterReason::Rejected, text.to_string()));
+                    } else if def.dead_letter.as_ref().is_some_and(|p| attempts >= p.max_delivery_attempts) {
+                        core.dead_lettering.insert(id.offset);
+                        to_dead_letter.push((id.offset, DeadLetterReason::AttemptsExhausted, String::new()));
+                    } else {
+                        let backoff = backoff_ms(def.retry.min_backoff_ms, def.retry.max_backoff_ms, attempts);
+                        core.schedule(id.offset, now + Duration::from_millis(backoff));
+                    }
+                    AckOutcome::Ok
+                })
+                .collect()
+        };
+        self.wake.notify_waiters();
+        self.dead_letter(to_dead_letter).await?;
+        Ok(outcomes)
+    }
+
+    /// Releases every lease of `consumer` (its stream ended): each message
+    /// is redelivered at once, or dead-lettered if out of attempts.
+    pub async fn release_consumer(&self, consumer: ConsumerId) {
+        let def = self.def();
+        let mut to_dead_letter = Vec::new();
+        {
+            let mut core = self.core.lock();
+            let mine: Vec<u64> = core.leases.iter().filter(|(_, l)| l.consumer == consumer).map(|(o, _)| *o).collect();
+            let now = Instant::now();
+            for offset in mine {
+                core.remove_lease(offset);
+                self.fail_attempt(&mut core, &def, offset, now, &mut to_dead_letter);
+            }
+            core.consumers.remove(&consumer);
+        }
+        self.wake.notify_waiters();
+        if let Err(e) = self.dead_letter(to_dead_letter).await {
+            tracing::error!(subscription = %def.name, error = %e, "dead-lettering after stream end failed");
+        }
+    }
+
+    fn fail_attempt(&self, core: &mut Core, def: &SubscriptionDef, offset: u64, now: Instant, to_dead_letter: &mut Vec<(u64, DeadLetterReason, String)>) {
+        let attempts = core.attempts(offset);
+        if def.dead_letter.as_ref().is_some_and(|p| attempts >= p.max_delivery_attempts) {
+            core.dead_lettering.insert(offset);
+            to_dead_letter.push((offset, DeadLetterReason::AttemptsExhausted, String::new()));
+        } else {
+            core.schedule(offset, now);
+        }
+    }
+
+    /// Expires due leases and wakes waiters if redeliveries are due.
+    /// Called by the broker's ticker.
+    pub async fn tick(&self) {
+        let def = self.def();
+        let mut to_dead_letter = Vec::new();
+        let wake = {
+            let mut core = self.core.lock();
+            let now = Instant::now();
+            while let Some(&(deadline, offset)) = core.deadlines.first() {
+                if deadline > now {
+                    break;
+                }
+                core.remove_lease(offset);
+                self.fail_attempt(&mut core, &def, offset, now, &mut to_dead_letter);
+            }
+            core.ready.first().is_some_and(|(at, _)| *at <= now)
+        };
+        if wake {
+            self.wake.notify_waiters();
+        }
+        if let Err(e) = self.dead_letter(to_dead_letter).await {
+            tracing::error!(subscription = %def.name, error = %e, "dead-lettering expired messages failed");
+        }
+    }
+
+    /// Moves messages to the dead-letter log, then settles them. On error
+    /// the messages go back to the redelivery queue.
+    async fn dead_letter(&self, items: Vec<(u64, DeadLetterReason, String)>) -> Result<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let def = self.def();
+        let mut records = Vec::with_capacity(items.len());
+        let mut offsets = Vec::with_capacity(items.len());
+        let mut forward = Vec::new();
+        for (offset, reason, text) in items {
+            let attempts = self.core.lock().state.attempts.get(&offset).copied();
+            let Ok(Some(message)) = self.read_one(offset) else {
+                tracing::warn!(subscription = %def.name, offset, "message to dead-letter is no longer retained");
+                offsets.push(offset);
+                continue;
+            };
+            let meta = DeadLetterMeta {
+                reason,
+                reason_text: text,
+                delivery_attempts: attempts.map_or(0, |a| a.count),
+                first_delivery_us: attempts.map_or(0, |a| a.first_delivery_us),
+                last_delivery_us: attempts.map_or(0, |a| a.last_delivery_us),
+                topic: def.topic.clone(),
+            };
+            records.push(NewRecord {
+                message_id: Some(message.message_id),
+                target: None,
+                attributes: message.attributes.clone(),
+                ordering_key: message.ordering_key.clone(),
+                payload: dead_letter::encode_payload(&meta, &message),
+            });
+            forward.push(message);
+            offsets.push(offset);
+        }
+        let appended = if records.is_empty() { Ok(()) } else { self.dlq.append(&records).await.map(|_| ()) };
+        let ticket = {
+            let mut core = self.core.lock();
+            for o in &offsets {
+                core.dead_lettering.remove(o);
+            }
+            if let Err(e) = appended {
+                let now = Instant::now();
+                for o in &offsets {
+                    core.schedule(*o, now);
+                }
+                return Err(e.into());
+            }
+            let ranges = core.settle(&offsets);
+            self.journal.enqueue(self.id(), &[StateEntry::Settled { ranges }])?
+        };
+        ticket.wait().await?;
+        if let Some(topic) = def.dead_letter.as_ref().and_then(|p| p.forward_topic.clone()) {
+            if let Some(target) = self.topic.broker_topic(&topic) {
+                let copies: Vec<NewRecord> = forward
+                    .into_iter()
+                    .map(|m| NewRecord {
+                        message_id: None,
+                        target: None,
+                        attributes: m.attributes,
+                        ordering_key: m.ordering_key,
+                        payload: m.payload,
+                    })
+                    .collect();
+                if let Err(e) = target.log.append(&copies).await {
+                    tracing::error!(subscription = %def.name, forward_topic = %topic, error = %e, "forwarding dead letters failed");
+                }
+            } else {
+                tracing::warn!(subscription = %def.name, forward_topic = %topic, "dead-letter forward topic does not exist");
+            }
+        }
+        Ok(())
+    }
+
+    /// Settles every message published so far.
+    pub async fn purge(&self) -> Result<u64> {
+        let next = self.topic.log.next_offset().0;
+        let (purged, ticket) = {
+            let mut core = self.core.lock();
+            let purged = self.backlog_messages(&core, next);
+            let leased: Vec<u64> = core.leases.keys().copied().collect();
+            for o in leased {
+                core.remove_lease(o);
+            }
+            core.ready.clear();
+            core.ready_at.clear();
+            let entry = StateEntry::Floor { floor: next };
+            core.state.apply(&entry);
+            core.cursor = core.cursor.max(core.state.settled.floor());
+            (purged, self.journal.enqueue(self.id(), &[entry])?)
+        };
+        ticket.wait().await?;
+        Ok(purged)
+    }
+
+    fn backlog_messages(&self, core: &Core, next: u64) -> u64 {
+        next.saturating_sub(core.state.settled.floor()).saturating_sub(core.state.settled.count_above_floor())
+    }
+
+    /// Settled floor: every offset below is acked or dead-lettered.
+    pub fn ack_floor(&self) -> Offset {
+        Offset(self.core.lock().state.settled.floor())
+    }
+
+    /// Raises the floor past offsets removed by retention.
+    pub(crate) async fn skip_below(&self, first: Offset) -> Result<()> {
+        let ticket = {
+            let mut core = self.core.lock();
+            if core.state.settled.floor() >= first.0 {
+                return Ok(());
+            }
+            let doomed: Vec<u64> = core.leases.keys().copied().filter(|o| *o < first.0).collect();
+            for o in doomed {
+                core.remove_lease(o);
+            }
+            let stale: Vec<(Instant, u64)> = core.ready.iter().copied().filter(|(_, o)| *o < first.0).collect();
+            for (at, o) in stale {
+                core.ready.remove(&(at, o));
+                core.ready_at.remove(&o);
+            }
+            let entry = StateEntry::Floor { floor: first.0 };
+            core.state.apply(&entry);
+            core.cursor = core.cursor.max(first.0);
+            self.journal.enqueue(self.id(), &[entry])?
+        };
+        ticket.wait().await?;
+        Ok(())
+    }
+
+    /// Figures for the stats RPC.
+    pub fn stats(&self) -> SubscriptionStats {
+        let next = self.topic.log.next_offset().0;
+        let (floor, backlog, in_flight, dlq_floor, dlq_removed) = {
+            let core = self.core.lock();
+            (
+                core.state.settled.floor(),
+                self.backlog_messages(&core, next),
+                core.leases.len() as u64,
+                core.state.dlq_removed.floor(),
+                core.state.dlq_removed.count_above_floor(),
+            )
+        };
+        let oldest = if floor < next {
+            self.read_one(floor).ok().flatten().map(|r| now_us().saturating_sub(r.publish_time_us) / 1000)
+        } else {
+            None
+        };
+        SubscriptionStats {
+            backlog_messages: backlog,
+            backlog_bytes: if backlog == 0 { 0 } else { self.topic.log.bytes_from(Offset(floor)) },
+            in_flight_messages: in_flight,
+            dead_lettered_messages: self.dlq.next_offset().0.saturating_sub(dlq_floor).saturating_sub(dlq_removed),
+            oldest_unacked_age_ms: oldest,
+            ack_floor: floor,
+        }
+    }
+
+    /// Where the message at `offset` is for this subscription.
+    pub fn message_state(&self, offset: u64) -> Result<MessageState> {
+        if offset < self.def.read().start_offset {
+            return Ok(MessageState::NotSubscribed);
+        }
+        {
+            let core = self.core.lock();
+            if let Some(lease) = core.leases.get(&offset) {
+                return Ok(MessageState::InFlight {
+                    attempt: lease.attempt,
+                    deadline_us: instant_to_unix_us(lease.deadline),
+                });
+            }
+            if !core.state.settled.contains(offset) {
+                return Ok(MessageState::Pending { attempts: core.attempts(offset) });
+            }
+        }
+        for dl in self.dead_letters(Offset(0), usize::MAX)?.0 {
+            if dl.source_offset.0 == offset {
+                return Ok(MessageState::DeadLettered {
+                    reason: dl.reason,
+                    reason_text: dl.reason_text,
+                });
+            }
+        }
+        Ok(MessageState::Acked)
+    }
+
+    /// Live dead letters from dead-letter offset `from`, up to `max`.
+    /// Returns them and the offset to continue from, if there are more.
+    pub fn dead_letters(&self, from: Offset, max: usize) -> Result<(Vec<DeadLetter>, Option<Offset>)> {
+        let removed = self.core.lock().state.dlq_removed.clone();
+        let mut out = Vec::new();
+        let mut from = from.max(Offset(removed.floor()));
+        loop {
+            let batch = match self.dlq.read(from, ReadLimits { records_max: 1000, bytes_max: 4 << 20 }) {
+                Ok(b) => b,
+                Err(StorageError::Corrupt { next_readable, .. }) => {
+                    from = next_readable;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if batch.records.is_empty() {
+                return Ok((out, None));
+            }
+            for record in &batch.records {
+                if removed.contains(record.offset.0) {
+                    continue;
+                }
+                if out.len() >= max {
+                    return Ok((out, Some(record.offset)));
+                }
+                match dead_letter::decode(record) {
+                    Some(dl) => out.push(dl),
+                    None => tracing::error!(subscription = %self.name(), offset = %record.offset, "undecodable dead letter skipped"),
+                }
+            }
+            from = batch.next;
+        }
+    }
+
+    /// Durably marks dead-letter offsets as removed.
+    pub(crate) async fn remove_dead_letters(&self, offsets: Vec<u64>) -> Result<()> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let ticket = {
+            let mut core = self.core.lock();
+            let ranges = ranges_of(offsets);
+            let entry = StateEntry::DlqRemoved { ranges };
+            core.state.apply(&entry);
+            self.journal.enqueue(self.id(), &[entry])?
+        };
+        ticket.wait().await?;
+        Ok(())
+    }
+
+    /// On open: settles every message that has a live dead letter but is
+    /// not yet settled (a crash came between the two steps).
+    pub(crate) async fn reconcile_dead_letters(&self) -> Result<u64> {
+        let (live, _) = self.dead_letters(Offset(0), usize::MAX)?;
+        let unsettled: Vec<u64> = {
+            let core = self.core.lock();
+            live.iter().map(|d| d.source_offset.0).filter(|o| !core.state.settled.contains(*o)).collect()
+        };
+        if unsettled.is_empty() {
+            return Ok(0);
+        }
+        let n = unsettled.len() as u64;
+        let ticket = {
+            let mut core = self.core.lock();
+            let ranges = core.settle(&unsettled);
+            self.journal.enqueue(self.id(), &[StateEntry::Settled { ranges }])?
+        };
+        ticket.wait().await?;
+        Ok(n)
+    }
+
+    /// Dead-letter log offset below which every entry is removed.
+    pub(crate) fn dlq_floor(&self) -> Offset {
+        Offset(self.core.lock().state.dlq_removed.floor())
+    }
+
+    /// Journals the full state (compaction). The returned ticket resolves
+    /// once it is durable.
+    pub(crate) fn snapshot(&self) -> Result<crate::storage::AppendTicket> {
+        let core = self.core.lock();
+        Ok(self.journal.enqueue(self.id(), &[StateEntry::Snapshot(Box::new(core.state.clone()))])?)
+    }
+}
+
+/// Nack backoff before redelivery after `attempts` failed deliveries:
+/// `min * 2^(attempts-1)`, capped at `max`.
+pub fn backoff_ms(min: u64, max: u64, attempts: u32) -> u64 {
+    if min == 0 {
+        return 0;
+    }
+    let shift = attempts.saturating_sub(1).min(32);
+    min.saturating_mul(1u64 << shift).min(max.max(min))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_max() {
+        assert_eq!(backoff_ms(0, 100, 5), 0);
+        assert_eq!(backoff_ms(10, 100, 1), 10);
+        assert_eq!(backoff_ms(10, 100, 2), 20);
+        assert_eq!(backoff_ms(10, 100, 4), 80);
+        assert_eq!(backoff_ms(10, 100, 5), 100);
+        assert_eq!(backoff_ms(10, 100, 1000), 100);
+    }
+
+    #[test]
+    fn ack_ids_round_trip() {
+        let id = AckId { offset: 12, attempt: 3 };
+        assert_eq!(id.to_string().parse::<AckId>(), Ok(id));
+        assert!("12".parse::<AckId>().is_err());
+        assert!("a-b".parse::<AckId>().is_err());
+    }
+
+    #[test]
+    fn offsets_become_ranges() {
+        assert_eq!(ranges_of(vec![5, 1, 2, 3, 7, 6]), vec![(1, 4), (5, 8)]);
+    }
+}
