@@ -1,9 +1,24 @@
 //! Runs the broker behind its gRPC services until a shutdown signal.
+//!
+//! Besides Publisher, Subscriber and Admin it serves the standard gRPC
+//! health service and server reflection (v1 and v1alpha), so `grpcurl` can
+//! list and call everything.
 
 use std::future::Future;
 use std::net::SocketAddr;
 
-use crate::broker::BrokerConfig;
+use anyhow::Context;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::pb::v1::admin_server::AdminServer;
+use crate::api::pb::v1::publisher_server::PublisherServer;
+use crate::api::pb::v1::subscriber_server::SubscriberServer;
+use crate::api::{AdminService, PublisherService, SubscriberService, pb};
+use crate::broker::{Broker, BrokerConfig};
+
+/// Largest gRPC message the server accepts or sends: the largest broker
+/// message plus room for metadata and batching.
+const GRPC_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// What `courier serve` runs.
 #[derive(Debug, Clone)]
@@ -13,13 +28,74 @@ pub struct ServeOptions {
 }
 
 /// Opens the broker, serves gRPC on `opts.listen` until `shutdown`
-/// completes, then stops accepting, finishes in-flight RPCs, and closes
-/// (syncs) every log. `on_ready` is called with the bound address.
+/// completes, then stops accepting, ends open streams with UNAVAILABLE,
+/// finishes in-flight RPCs, and closes (syncs) every log. `on_ready` is
+/// called with the bound address once the server accepts connections.
 pub async fn run(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(SocketAddr) + Send,
 ) -> anyhow::Result<()> {
-    let _ = (opts, shutdown, on_ready);
-    anyhow::bail!("not yet implemented")
+    let broker = Broker::open(opts.broker.clone()).await.with_context(|| {
+        format!(
+            "cannot open data directory {}",
+            opts.broker.data_dir.display()
+        )
+    })?;
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", opts.listen))?;
+    let addr = listener.local_addr()?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<PublisherServer<PublisherService>>()
+        .await;
+    health
+        .set_serving::<SubscriberServer<SubscriberService>>()
+        .await;
+    health.set_serving::<AdminServer<AdminService>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let publisher = PublisherServer::new(PublisherService::new(broker.clone()))
+        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    let subscriber = SubscriberServer::new(SubscriberService::new(broker.clone()))
+        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    let admin = AdminServer::new(AdminService::new(broker.clone()))
+        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+
+    let signal_broker = broker.clone();
+    let stop = async move {
+        shutdown.await;
+        tracing::info!("shutting down: ending streams and finishing in-flight calls");
+        health
+            .set_not_serving::<PublisherServer<PublisherService>>()
+            .await;
+        signal_broker.begin_shutdown();
+    };
+    on_ready(addr);
+    let served = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(publisher)
+        .add_service(subscriber)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .await;
+    broker.close();
+    served.context("gRPC server failed")?;
+    tracing::info!("shut down cleanly");
+    Ok(())
 }

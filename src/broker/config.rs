@@ -88,10 +88,16 @@ impl BrokerConfig {
 
 /// Checks a topic or subscription name: `[A-Za-z][A-Za-z0-9._-]{0,254}`.
 pub fn check_name(field: &str, name: &str) -> Result<(), crate::broker::BrokerError> {
-    let bad = |reason: &str| crate::broker::BrokerError::invalid(field, format!("{name:?} {reason}"));
+    let bad =
+        |reason: &str| crate::broker::BrokerError::invalid(field, format!("{name:?} {reason}"));
     let mut bytes = name.bytes();
     match bytes.next() {
-        None => return Err(crate::broker::BrokerError::invalid(field, "must not be empty")),
+        None => {
+            return Err(crate::broker::BrokerError::invalid(
+                field,
+                "must not be empty",
+            ));
+        }
         Some(b) if !b.is_ascii_alphabetic() => return Err(bad("must start with a letter")),
         Some(_) => {}
     }

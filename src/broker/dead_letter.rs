@@ -158,7 +158,10 @@ mod tests {
             publish_time_us: 5,
             message_id: 17,
             target: None,
-            attributes: vec![Attribute { key: "k".into(), value: "v".into() }],
+            attributes: vec![Attribute {
+                key: "k".into(),
+                value: "v".into(),
+            }],
             ordering_key: Bytes::new(),
             payload: Bytes::from_static(b"body"),
         };

@@ -22,7 +22,10 @@ pub mod topic;
 pub use config::BrokerConfig;
 pub use dead_letter::{DeadLetter, DeadLetterReason};
 pub use error::{BrokerError, Result};
-pub use subscription::{AckId, AckOutcome, ConsumerId, Delivery, LeaseLimits, MessageState, Subscription, SubscriptionStats};
+pub use subscription::{
+    AckId, AckOutcome, ConsumerId, Delivery, LeaseLimits, MessageState, Subscription,
+    SubscriptionStats,
+};
 pub use topic::Topic;
 
 use std::collections::HashMap;
@@ -34,7 +37,9 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 
 use crate::storage::io::{Fs, OsFs};
-use crate::storage::meta::{DeadLetterPolicy, MetaStore, Retention, RetryPolicy, SubscriptionDef, TopicDef};
+use crate::storage::meta::{
+    DeadLetterPolicy, MetaStore, Retention, RetryPolicy, SubscriptionDef, TopicDef,
+};
 use crate::storage::state::{StateEntry, StateJournal, SubscriptionState};
 use crate::storage::{Appended, Log, LogConfig, NewRecord, Offset, StorageError};
 
@@ -142,7 +147,8 @@ impl Broker {
     pub async fn open(config: BrokerConfig) -> Result<Broker> {
         let fs: Arc<dyn Fs> = Arc::new(OsFs);
         let dir = config.data_dir.clone();
-        fs.create_dir_all(&dir).map_err(|e| StorageError::io(&dir, e))?;
+        fs.create_dir_all(&dir)
+            .map_err(|e| StorageError::io(&dir, e))?;
         let lock = lock_data_dir(&dir)?;
         let meta = MetaStore::open(&dir.join(DIR_META))?;
         let log_config = LogConfig {
@@ -151,16 +157,33 @@ impl Broker {
             tail_cache_bytes_max: config.tail_cache_bytes_max,
             ..LogConfig::default()
         };
-        let (journal, mut states) = StateJournal::open(fs.clone(), &dir.join(DIR_STATE), log_config.clone())?;
+        let (journal, mut states) =
+            StateJournal::open(fs.clone(), &dir.join(DIR_STATE), log_config.clone())?;
         let topics: Arc<TopicMap> = Arc::new(RwLock::new(HashMap::new()));
         let topic_defs = meta.topics()?;
         let sub_defs = meta.subscriptions()?;
-        remove_orphans(fs.as_ref(), &dir.join(DIR_TOPICS), topic_defs.iter().map(|t| t.id))?;
-        remove_orphans(fs.as_ref(), &dir.join(DIR_SUBSCRIPTIONS), sub_defs.iter().map(|s| s.id))?;
+        remove_orphans(
+            fs.as_ref(),
+            &dir.join(DIR_TOPICS),
+            topic_defs.iter().map(|t| t.id),
+        )?;
+        remove_orphans(
+            fs.as_ref(),
+            &dir.join(DIR_SUBSCRIPTIONS),
+            sub_defs.iter().map(|s| s.id),
+        )?;
         for def in topic_defs {
-            let log = open_log(fs.clone(), &dir.join(DIR_TOPICS).join(def.id.to_string()), log_config.clone(), &def.name)?;
+            let log = open_log(
+                fs.clone(),
+                &dir.join(DIR_TOPICS).join(def.id.to_string()),
+                log_config.clone(),
+                &def.name,
+            )?;
             let name = def.name.clone();
-            topics.write().insert(name, Arc::new(Topic::new(def, log, Arc::downgrade(&topics))));
+            topics.write().insert(
+                name,
+                Arc::new(Topic::new(def, log, Arc::downgrade(&topics))),
+            );
         }
         let broker = Broker {
             inner: Arc::new(Inner {
@@ -179,12 +202,18 @@ impl Broker {
             }),
         };
         for def in sub_defs {
-            let Some(topic) = broker.topic(&def.topic).ok().filter(|t| t.def().id == def.topic_id) else {
+            let Some(topic) = broker
+                .topic(&def.topic)
+                .ok()
+                .filter(|t| t.def().id == def.topic_id)
+            else {
                 tracing::warn!(subscription = %def.name, topic = %def.topic, "subscription's topic is gone; deleting it");
                 broker.inner.meta.delete_subscription(&def.name)?;
                 continue;
             };
-            let state = states.remove(&def.id).unwrap_or_else(|| SubscriptionState::starting_at(Offset(def.start_offset)));
+            let state = states
+                .remove(&def.id)
+                .unwrap_or_else(|| SubscriptionState::starting_at(Offset(def.start_offset)));
             let sub = broker.attach_subscription(def, topic, state)?;
             let fixed = sub.reconcile_dead_letters().await?;
             if fixed > 0 {
@@ -196,7 +225,12 @@ impl Broker {
         Ok(broker)
     }
 
-    fn attach_subscription(&self, def: SubscriptionDef, topic: Arc<Topic>, state: SubscriptionState) -> Result<Arc<Subscription>> {
+    fn attach_subscription(
+        &self,
+        def: SubscriptionDef,
+        topic: Arc<Topic>,
+        state: SubscriptionState,
+    ) -> Result<Arc<Subscription>> {
         let dir = self.sub_dir(def.id).join(DIR_DEAD_LETTERS);
         let dlq_config = LogConfig {
             segment_bytes_max: DEAD_LETTER_SEGMENT_BYTES,
@@ -220,11 +254,19 @@ impl Broker {
     }
 
     fn sub_dir(&self, id: u64) -> PathBuf {
-        self.inner.config.data_dir.join(DIR_SUBSCRIPTIONS).join(id.to_string())
+        self.inner
+            .config
+            .data_dir
+            .join(DIR_SUBSCRIPTIONS)
+            .join(id.to_string())
     }
 
     fn topic_dir(&self, id: u64) -> PathBuf {
-        self.inner.config.data_dir.join(DIR_TOPICS).join(id.to_string())
+        self.inner
+            .config
+            .data_dir
+            .join(DIR_TOPICS)
+            .join(id.to_string())
     }
 
     pub fn config(&self) -> &BrokerConfig {
@@ -246,10 +288,15 @@ impl Broker {
     // ----- topics -------------------------------------------------------
 
     pub fn topic(&self, name: &str) -> Result<Arc<Topic>> {
-        self.inner.topics.read().get(name).cloned().ok_or_else(|| BrokerError::NotFound {
-            kind: "topic",
-            name: name.to_string(),
-        })
+        self.inner
+            .topics
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::NotFound {
+                kind: "topic",
+                name: name.to_string(),
+            })
     }
 
     pub fn topics(&self) -> Vec<Arc<Topic>> {
@@ -262,14 +309,23 @@ impl Broker {
         self.check_running()?;
         config::check_name("name", name)?;
         if retention.max_age_ms == Some(0) {
-            return Err(BrokerError::invalid("retention.max_age_ms", "must be at least 1 when set"));
+            return Err(BrokerError::invalid(
+                "retention.max_age_ms",
+                "must be at least 1 when set",
+            ));
         }
         if retention.max_bytes == Some(0) {
-            return Err(BrokerError::invalid("retention.max_bytes", "must be at least 1 when set"));
+            return Err(BrokerError::invalid(
+                "retention.max_bytes",
+                "must be at least 1 when set",
+            ));
         }
         let _admin = self.inner.admin.lock().await;
         if self.inner.topics.read().contains_key(name) {
-            return Err(BrokerError::AlreadyExists { kind: "topic", name: name.to_string() });
+            return Err(BrokerError::AlreadyExists {
+                kind: "topic",
+                name: name.to_string(),
+            });
         }
         if self.inner.topics.read().len() >= self.inner.config.topics_max {
             return Err(BrokerError::ResourceExhausted(format!(
@@ -291,13 +347,21 @@ impl Broker {
             tail_cache_bytes_max: self.inner.config.tail_cache_bytes_max,
             ..LogConfig::default()
         };
-        let log = open_log(self.inner.fs.clone(), &self.topic_dir(def.id), log_config, name)?;
+        let log = open_log(
+            self.inner.fs.clone(),
+            &self.topic_dir(def.id),
+            log_config,
+            name,
+        )?;
         self.inner.meta.create_topic(&def).map_err(|e| match e {
             StorageError::AlreadyExists { kind, name } => BrokerError::AlreadyExists { kind, name },
             other => other.into(),
         })?;
         let topic = Arc::new(Topic::new(def, log, Arc::downgrade(&self.inner.topics)));
-        self.inner.topics.write().insert(name.to_string(), topic.clone());
+        self.inner
+            .topics
+            .write()
+            .insert(name.to_string(), topic.clone());
         tracing::info!(topic = name, "topic created");
         Ok(topic)
     }
@@ -351,12 +415,19 @@ impl Broker {
     pub async fn publish(&self, topic: &str, messages: Vec<NewRecord>) -> Result<Appended> {
         self.check_running()?;
         if messages.is_empty() {
-            return Err(BrokerError::invalid("messages", "must contain at least one message"));
+            return Err(BrokerError::invalid(
+                "messages",
+                "must contain at least one message",
+            ));
         }
         if messages.len() > config::PUBLISH_BATCH_MESSAGES_MAX {
             return Err(BrokerError::invalid(
                 "messages",
-                format!("has {} messages; at most {} per call", messages.len(), config::PUBLISH_BATCH_MESSAGES_MAX),
+                format!(
+                    "has {} messages; at most {} per call",
+                    messages.len(),
+                    config::PUBLISH_BATCH_MESSAGES_MAX
+                ),
             ));
         }
         for (i, m) in messages.iter().enumerate() {
@@ -369,26 +440,63 @@ impl Broker {
     fn check_message(&self, i: usize, m: &NewRecord) -> Result<()> {
         let field = |f: &str| format!("messages[{i}].{f}");
         if m.attributes.len() > config::ATTRIBUTES_MAX {
-            return Err(BrokerError::invalid(field("attributes"), format!("has {} attributes; at most {}", m.attributes.len(), config::ATTRIBUTES_MAX)));
+            return Err(BrokerError::invalid(
+                field("attributes"),
+                format!(
+                    "has {} attributes; at most {}",
+                    m.attributes.len(),
+                    config::ATTRIBUTES_MAX
+                ),
+            ));
         }
         let mut size = m.payload.len() + m.ordering_key.len();
         for a in &m.attributes {
             if a.key.is_empty() {
-                return Err(BrokerError::invalid(field("attributes"), "keys must not be empty"));
+                return Err(BrokerError::invalid(
+                    field("attributes"),
+                    "keys must not be empty",
+                ));
             }
             if a.key.len() > config::ATTRIBUTE_KEY_BYTES_MAX {
-                return Err(BrokerError::invalid(field("attributes"), format!("key is {} bytes; at most {}", a.key.len(), config::ATTRIBUTE_KEY_BYTES_MAX)));
+                return Err(BrokerError::invalid(
+                    field("attributes"),
+                    format!(
+                        "key is {} bytes; at most {}",
+                        a.key.len(),
+                        config::ATTRIBUTE_KEY_BYTES_MAX
+                    ),
+                ));
             }
             if a.value.len() > config::ATTRIBUTE_VALUE_BYTES_MAX {
-                return Err(BrokerError::invalid(field("attributes"), format!("value is {} bytes; at most {}", a.value.len(), config::ATTRIBUTE_VALUE_BYTES_MAX)));
+                return Err(BrokerError::invalid(
+                    field("attributes"),
+                    format!(
+                        "value is {} bytes; at most {}",
+                        a.value.len(),
+                        config::ATTRIBUTE_VALUE_BYTES_MAX
+                    ),
+                ));
             }
             size += a.key.len() + a.value.len();
         }
         if m.ordering_key.len() > config::ORDERING_KEY_BYTES_MAX {
-            return Err(BrokerError::invalid(field("ordering_key"), format!("is {} bytes; at most {}", m.ordering_key.len(), config::ORDERING_KEY_BYTES_MAX)));
+            return Err(BrokerError::invalid(
+                field("ordering_key"),
+                format!(
+                    "is {} bytes; at most {}",
+                    m.ordering_key.len(),
+                    config::ORDERING_KEY_BYTES_MAX
+                ),
+            ));
         }
         if size > self.inner.config.message_bytes_max {
-            return Err(BrokerError::invalid(field("data"), format!("message is {size} bytes; the limit is {} bytes", self.inner.config.message_bytes_max)));
+            return Err(BrokerError::invalid(
+                field("data"),
+                format!(
+                    "message is {size} bytes; the limit is {} bytes",
+                    self.inner.config.message_bytes_max
+                ),
+            ));
         }
         Ok(())
     }
@@ -396,10 +504,15 @@ impl Broker {
     // ----- subscriptions ------------------------------------------------
 
     pub fn subscription(&self, name: &str) -> Result<Arc<Subscription>> {
-        self.inner.subs.read().get(name).cloned().ok_or_else(|| BrokerError::NotFound {
-            kind: "subscription",
-            name: name.to_string(),
-        })
+        self.inner
+            .subs
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::NotFound {
+                kind: "subscription",
+                name: name.to_string(),
+            })
     }
 
     /// Subscriptions, all or of one topic, sorted by name.
@@ -412,33 +525,62 @@ impl Broker {
         Ok(all)
     }
 
-    fn check_policies(&self, ack_deadline_ms: u64, retry: &RetryPolicy, dead_letter: Option<&DeadLetterPolicy>, topic: &str) -> Result<()> {
+    fn check_policies(
+        &self,
+        ack_deadline_ms: u64,
+        retry: &RetryPolicy,
+        dead_letter: Option<&DeadLetterPolicy>,
+        topic: &str,
+    ) -> Result<()> {
         if !(config::ACK_DEADLINE_MS_MIN..=config::ACK_DEADLINE_MS_MAX).contains(&ack_deadline_ms) {
             return Err(BrokerError::invalid(
                 "ack_deadline_ms",
-                format!("{ack_deadline_ms} is outside {}..={}", config::ACK_DEADLINE_MS_MIN, config::ACK_DEADLINE_MS_MAX),
+                format!(
+                    "{ack_deadline_ms} is outside {}..={}",
+                    config::ACK_DEADLINE_MS_MIN,
+                    config::ACK_DEADLINE_MS_MAX
+                ),
             ));
         }
         if retry.min_backoff_ms > config::BACKOFF_MS_MAX {
-            return Err(BrokerError::invalid("retry_policy.min_backoff_ms", format!("at most {}", config::BACKOFF_MS_MAX)));
+            return Err(BrokerError::invalid(
+                "retry_policy.min_backoff_ms",
+                format!("at most {}", config::BACKOFF_MS_MAX),
+            ));
         }
         if retry.max_backoff_ms > config::BACKOFF_MS_MAX {
-            return Err(BrokerError::invalid("retry_policy.max_backoff_ms", format!("at most {}", config::BACKOFF_MS_MAX)));
+            return Err(BrokerError::invalid(
+                "retry_policy.max_backoff_ms",
+                format!("at most {}", config::BACKOFF_MS_MAX),
+            ));
         }
         if retry.max_backoff_ms < retry.min_backoff_ms {
-            return Err(BrokerError::invalid("retry_policy.max_backoff_ms", "must not be below min_backoff_ms"));
+            return Err(BrokerError::invalid(
+                "retry_policy.max_backoff_ms",
+                "must not be below min_backoff_ms",
+            ));
         }
         if let Some(p) = dead_letter {
-            if !(config::DELIVERY_ATTEMPTS_MIN..=config::DELIVERY_ATTEMPTS_MAX).contains(&p.max_delivery_attempts) {
+            if !(config::DELIVERY_ATTEMPTS_MIN..=config::DELIVERY_ATTEMPTS_MAX)
+                .contains(&p.max_delivery_attempts)
+            {
                 return Err(BrokerError::invalid(
                     "dead_letter_policy.max_delivery_attempts",
-                    format!("{} is outside {}..={}", p.max_delivery_attempts, config::DELIVERY_ATTEMPTS_MIN, config::DELIVERY_ATTEMPTS_MAX),
+                    format!(
+                        "{} is outside {}..={}",
+                        p.max_delivery_attempts,
+                        config::DELIVERY_ATTEMPTS_MIN,
+                        config::DELIVERY_ATTEMPTS_MAX
+                    ),
                 ));
             }
             if let Some(fwd) = &p.forward_topic {
                 config::check_name("dead_letter_policy.forward_topic", fwd)?;
                 if fwd == topic {
-                    return Err(BrokerError::invalid("dead_letter_policy.forward_topic", "must differ from the subscription's own topic"));
+                    return Err(BrokerError::invalid(
+                        "dead_letter_policy.forward_topic",
+                        "must differ from the subscription's own topic",
+                    ));
                 }
                 self.topic(fwd)?;
             }
@@ -450,12 +592,22 @@ impl Broker {
         self.check_running()?;
         config::check_name("name", &spec.name)?;
         config::check_name("topic", &spec.topic)?;
-        let ack_deadline_ms = spec.ack_deadline_ms.unwrap_or(config::ACK_DEADLINE_MS_DEFAULT);
-        self.check_policies(ack_deadline_ms, &spec.retry, spec.dead_letter.as_ref(), &spec.topic)?;
+        let ack_deadline_ms = spec
+            .ack_deadline_ms
+            .unwrap_or(config::ACK_DEADLINE_MS_DEFAULT);
+        self.check_policies(
+            ack_deadline_ms,
+            &spec.retry,
+            spec.dead_letter.as_ref(),
+            &spec.topic,
+        )?;
         let _admin = self.inner.admin.lock().await;
         let topic = self.topic(&spec.topic)?;
         if self.inner.subs.read().contains_key(&spec.name) {
-            return Err(BrokerError::AlreadyExists { kind: "subscription", name: spec.name });
+            return Err(BrokerError::AlreadyExists {
+                kind: "subscription",
+                name: spec.name,
+            });
         }
         if self.inner.subs.read().len() >= self.inner.config.subscriptions_max {
             return Err(BrokerError::ResourceExhausted(format!(
@@ -463,7 +615,11 @@ impl Broker {
                 self.inner.config.subscriptions_max
             )));
         }
-        let start = if spec.from_earliest { topic.log.first_offset() } else { topic.log.next_offset() };
+        let start = if spec.from_earliest {
+            topic.log.first_offset()
+        } else {
+            topic.log.next_offset()
+        };
         let def = SubscriptionDef {
             id: self.inner.meta.next_id()?,
             name: spec.name.clone(),
@@ -482,7 +638,11 @@ impl Broker {
         Ok(sub)
     }
 
-    pub async fn update_subscription(&self, name: &str, update: SubscriptionUpdate) -> Result<Arc<Subscription>> {
+    pub async fn update_subscription(
+        &self,
+        name: &str,
+        update: SubscriptionUpdate,
+    ) -> Result<Arc<Subscription>> {
         self.check_running()?;
         let _admin = self.inner.admin.lock().await;
         let sub = self.subscription(name)?;
@@ -496,7 +656,12 @@ impl Broker {
         if let Some(d) = update.dead_letter {
             def.dead_letter = d;
         }
-        self.check_policies(def.ack_deadline_ms, &def.retry, def.dead_letter.as_ref(), &def.topic)?;
+        self.check_policies(
+            def.ack_deadline_ms,
+            &def.retry,
+            def.dead_letter.as_ref(),
+            &def.topic,
+        )?;
         self.inner.meta.update_subscription(&def)?;
         sub.set_def(def);
         Ok(sub)
@@ -514,7 +679,10 @@ impl Broker {
         self.inner.subs.write().remove(name);
         sub.topic.subs.write().retain(|s| !Arc::ptr_eq(s, &sub));
         sub.mark_deleted();
-        let ticket = self.inner.journal.enqueue(sub.id(), &[StateEntry::Dropped])?;
+        let ticket = self
+            .inner
+            .journal
+            .enqueue(sub.id(), &[StateEntry::Dropped])?;
         ticket.wait().await?;
         sub.dlq.close();
         remove_dir(self.inner.fs.as_ref(), &self.sub_dir(sub.id()))?;
@@ -532,7 +700,9 @@ impl Broker {
         let (all, _) = sub.dead_letters(Offset(0), usize::MAX)?;
         let chosen: Vec<DeadLetter> = all
             .into_iter()
-            .filter(|dl| filter.message_ids.is_empty() || filter.message_ids.contains(&dl.message.message_id))
+            .filter(|dl| {
+                filter.message_ids.is_empty() || filter.message_ids.contains(&dl.message.message_id)
+            })
             .filter(|dl| filter.reason.is_none_or(|r| r == dl.reason))
             .collect();
         if chosen.is_empty() {
@@ -551,7 +721,8 @@ impl Broker {
                 })
                 .collect();
             sub.topic.log.append(&records).await?;
-            sub.remove_dead_letters(chunk.iter().map(|dl| dl.dlq_offset.0).collect()).await?;
+            sub.remove_dead_letters(chunk.iter().map(|dl| dl.dlq_offset.0).collect())
+                .await?;
         }
         tracing::info!(subscription, count = chosen.len(), "dead letters redriven");
         Ok(chosen.len() as u64)
@@ -563,7 +734,8 @@ impl Broker {
         let sub = self.subscription(subscription)?;
         let (all, _) = sub.dead_letters(Offset(0), usize::MAX)?;
         let n = all.len() as u64;
-        sub.remove_dead_letters(all.iter().map(|dl| dl.dlq_offset.0).collect()).await?;
+        sub.remove_dead_letters(all.iter().map(|dl| dl.dlq_offset.0).collect())
+            .await?;
         Ok(n)
     }
 
@@ -580,7 +752,13 @@ impl Broker {
         }
         let publish_time_us = topic
             .log
-            .read(Offset(message_id), crate::storage::ReadLimits { records_max: 1, bytes_max: 1 })
+            .read(
+                Offset(message_id),
+                crate::storage::ReadLimits {
+                    records_max: 1,
+                    bytes_max: 1,
+                },
+            )
             .ok()
             .and_then(|b| b.records.into_iter().next())
             .filter(|r| r.offset.0 == message_id)
@@ -616,7 +794,7 @@ impl Broker {
     pub fn begin_shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::Release);
         for sub in self.inner.subs.read().values() {
-            sub.mark_deleted();
+            sub.wake_all();
         }
     }
 
@@ -642,14 +820,21 @@ impl Broker {
         for topic in self.topics() {
             let def = topic.def();
             if def.retention.max_age_ms.is_some() || def.retention.max_bytes.is_some() {
-                topic.log.enforce_retention(def.retention.max_age_ms.map(|ms| ms * 1000), def.retention.max_bytes)?;
+                topic.log.enforce_retention(
+                    def.retention.max_age_ms.map(|ms| ms * 1000),
+                    def.retention.max_bytes,
+                )?;
                 let first = topic.log.first_offset();
                 for sub in topic.subscriptions() {
                     sub.skip_below(first).await?;
                 }
             }
             let subs = topic.subscriptions();
-            let floor = subs.iter().map(|s| s.ack_floor()).min().unwrap_or_else(|| topic.log.next_offset());
+            let floor = subs
+                .iter()
+                .map(|s| s.ack_floor())
+                .min()
+                .unwrap_or_else(|| topic.log.next_offset());
             topic.log.truncate_before(floor)?;
             for sub in subs {
                 sub.dlq.truncate_before(sub.dlq_floor())?;
@@ -672,12 +857,18 @@ impl Broker {
         }
         for t in tickets {
             let appended = t.wait().await?;
-            first = Some(first.map_or(appended.base_offset, |f: Offset| f.min(appended.base_offset)));
+            first = Some(first.map_or(appended.base_offset, |f: Offset| {
+                f.min(appended.base_offset)
+            }));
         }
         if let Some(first) = first {
             self.inner.journal.truncate_before(first)?;
         }
-        tracing::info!(before, after = self.inner.journal.disk_bytes(), "state journal compacted");
+        tracing::info!(
+            before,
+            after = self.inner.journal.disk_bytes(),
+            "state journal compacted"
+        );
         Ok(())
     }
 }
@@ -716,7 +907,11 @@ fn open_log(fs: Arc<dyn Fs>, dir: &Path, config: LogConfig, name: &str) -> Resul
         tracing::warn!(log = name, %finding, "recovery");
     }
     if report.truncated_bytes > 0 {
-        tracing::warn!(log = name, bytes = report.truncated_bytes, "recovery truncated a torn or corrupt tail");
+        tracing::warn!(
+            log = name,
+            bytes = report.truncated_bytes,
+            "recovery truncated a torn or corrupt tail"
+        );
     }
     Ok(log)
 }
@@ -730,25 +925,33 @@ fn remove_dir(fs: &dyn Fs, dir: &Path) -> Result<()> {
     let mut doomed = dir.as_os_str().to_owned();
     doomed.push(DELETING_SUFFIX);
     let doomed = PathBuf::from(doomed);
-    fs.rename(dir, &doomed).map_err(|e| StorageError::io(dir, e))?;
+    fs.rename(dir, &doomed)
+        .map_err(|e| StorageError::io(dir, e))?;
     if let Some(parent) = dir.parent() {
-        fs.sync_dir(parent).map_err(|e| StorageError::io(parent, e))?;
+        fs.sync_dir(parent)
+            .map_err(|e| StorageError::io(parent, e))?;
     }
-    fs.remove_dir_all(&doomed).map_err(|e| StorageError::io(&doomed, e))?;
+    fs.remove_dir_all(&doomed)
+        .map_err(|e| StorageError::io(&doomed, e))?;
     Ok(())
 }
 
 /// Removes directories under `parent` that belong to no known id.
 fn remove_orphans(fs: &dyn Fs, parent: &Path, ids: impl Iterator<Item = u64>) -> Result<()> {
     if !fs.exists(parent) {
-        fs.create_dir_all(parent).map_err(|e| StorageError::io(parent, e))?;
+        fs.create_dir_all(parent)
+            .map_err(|e| StorageError::io(parent, e))?;
         return Ok(());
     }
     let known: std::collections::HashSet<String> = ids.map(|id| id.to_string()).collect();
-    for name in fs.list_dir(parent).map_err(|e| StorageError::io(parent, e))? {
+    for name in fs
+        .list_dir(parent)
+        .map_err(|e| StorageError::io(parent, e))?
+    {
         if !known.contains(&name) {
             tracing::info!(dir = %parent.join(&name).display(), "removing leftover directory");
-            fs.remove_dir_all(&parent.join(&name)).map_err(|e| StorageError::io(parent.join(&name), e))?;
+            fs.remove_dir_all(&parent.join(&name))
+                .map_err(|e| StorageError::io(parent.join(&name), e))?;
         }
     }
     Ok(())
@@ -765,7 +968,11 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
         .open(&path)
         .map_err(|e| StorageError::io(&path, e))?;
     if file.try_lock_exclusive().is_err() {
-        return Err(StorageError::Locked { path: dir.to_path_buf(), lock: path }.into());
+        return Err(StorageError::Locked {
+            path: dir.to_path_buf(),
+            lock: path,
+        }
+        .into());
     }
     Ok(file)
 }
@@ -781,7 +988,9 @@ pub fn resident_memory_bytes() -> Option<u64> {
 
 /// Bytes of all files below `dir`.
 pub fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     entries
         .filter_map(|e| e.ok())
         .map(|e| match e.metadata() {

@@ -106,10 +106,18 @@ struct Lease {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MessageState {
     NotSubscribed,
-    Pending { attempts: u32 },
-    InFlight { attempt: u32, deadline_us: u64 },
+    Pending {
+        attempts: u32,
+    },
+    InFlight {
+        attempt: u32,
+        deadline_us: u64,
+    },
     Acked,
-    DeadLettered { reason: DeadLetterReason, reason_text: String },
+    DeadLettered {
+        reason: DeadLetterReason,
+        reason_text: String,
+    },
 }
 
 /// Per-subscription figures.
@@ -193,7 +201,9 @@ impl Core {
             }
         }
         let ranges = ranges_of(offsets.to_vec());
-        let entry = StateEntry::Settled { ranges: ranges.clone() };
+        let entry = StateEntry::Settled {
+            ranges: ranges.clone(),
+        };
         self.state.apply(&entry);
         ranges
     }
@@ -219,7 +229,14 @@ impl Core {
 }
 
 impl Subscription {
-    pub(crate) fn new(def: SubscriptionDef, topic: Arc<Topic>, dlq: Log, journal: StateJournal, state: SubscriptionState, window_max: u64) -> Self {
+    pub(crate) fn new(
+        def: SubscriptionDef,
+        topic: Arc<Topic>,
+        dlq: Log,
+        journal: StateJournal,
+        state: SubscriptionState,
+        window_max: u64,
+    ) -> Self {
         let cursor = state.settled.floor();
         Self {
             def: RwLock::new(def),
@@ -268,19 +285,22 @@ impl Subscription {
         self.wake.notify_waiters();
     }
 
-    /// Waits until something may have become deliverable: a new record in
-    /// the topic, a redelivery coming due, or `timeout`.
-    ///
-    /// # Cancel safety
-    /// Cancel safe: it only waits.
-    pub async fn wait_for_work(&self, timeout: Duration) {
-        let mut watch = self.topic.log.watch();
-        let notified = self.wake.notified();
-        tokio::select! {
-            _ = watch.changed() => {}
-            _ = notified => {}
-            _ = tokio::time::sleep(timeout) => {}
-        }
+    /// A receiver of the topic's visible next offset: it changes when new
+    /// records may be deliverable.
+    pub fn watch_topic(&self) -> tokio::sync::watch::Receiver<Offset> {
+        self.topic.log.watch()
+    }
+
+    /// Notified when a redelivery comes due, the subscription is deleted, or
+    /// the broker shuts down. Create and `enable` the `Notified` future
+    /// before checking for work, so no signal is missed.
+    pub fn wake_signal(&self) -> &Notify {
+        &self.wake
+    }
+
+    /// Wakes every waiter (used at shutdown).
+    pub(crate) fn wake_all(&self) {
+        self.wake.notify_waiters();
     }
 
     /// Registers a consumer (a stream) so its outstanding leases are
@@ -291,7 +311,12 @@ impl Subscription {
 
     /// What `consumer` holds now.
     pub fn outstanding(&self, consumer: ConsumerId) -> Outstanding {
-        self.core.lock().consumers.get(&consumer).copied().unwrap_or_default()
+        self.core
+            .lock()
+            .consumers
+            .get(&consumer)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Leases up to the limits: ready redeliveries first, then new messages
@@ -299,7 +324,10 @@ impl Subscription {
     /// this returns.
     pub async fn lease(&self, consumer: ConsumerId, limits: LeaseLimits) -> Result<Vec<Delivery>> {
         if self.is_deleted() {
-            return Err(BrokerError::NotFound { kind: "subscription", name: self.name() });
+            return Err(BrokerError::NotFound {
+                kind: "subscription",
+                name: self.name(),
+            });
         }
         let my_id = self.id();
         let mut picked: Vec<Record> = Vec::new();
@@ -312,7 +340,8 @@ impl Subscription {
             let now_us = now_us();
             let mut bytes = 0u64;
             let fits = |n: usize, bytes: u64, size: u64| {
-                n < limits.messages_max && (bytes + size <= limits.bytes_max || (n == 0 && limits.allow_oversize))
+                n < limits.messages_max
+                    && (bytes + size <= limits.bytes_max || (n == 0 && limits.allow_oversize))
             };
             // Redeliveries that are due.
             while let Some(&(at, offset)) = core.ready.first() {
@@ -345,10 +374,22 @@ impl Subscription {
                 if window_left == 0 {
                     break;
                 }
-                let want = (limits.messages_max - picked.len()).min(usize::try_from(window_left).unwrap_or(usize::MAX));
-                let batch = match self.topic.log.read(Offset(core.cursor), ReadLimits { records_max: want, bytes_max: 4 << 20 }) {
+                let want = (limits.messages_max - picked.len())
+                    .min(usize::try_from(window_left).unwrap_or(usize::MAX));
+                let batch = match self.topic.log.read(
+                    Offset(core.cursor),
+                    ReadLimits {
+                        records_max: want,
+                        bytes_max: 4 << 20,
+                    },
+                ) {
                     Ok(b) => b,
-                    Err(StorageError::Corrupt { first, next_readable, path, detail }) => {
+                    Err(StorageError::Corrupt {
+                        first,
+                        next_readable,
+                        path,
+                        detail,
+                    }) => {
                         tracing::error!(subscription = %self.name(), path = %path.display(), %first, %next_readable, detail, "skipping corrupt records");
                         for o in core.cursor.max(first.0)..next_readable.0 {
                             lost.push(o);
@@ -395,17 +436,33 @@ impl Subscription {
             for record in picked {
                 let offset = record.offset.0;
                 let attempt = core.attempts(offset) + 1;
-                let entry = StateEntry::Delivered { offset, count: attempt, time_us: now_us };
+                let entry = StateEntry::Delivered {
+                    offset,
+                    count: attempt,
+                    time_us: now_us,
+                };
                 core.state.apply(&entry);
                 entries.push(entry);
                 let deadline = now + limits.deadline;
                 let bytes = record.payload.len() as u64;
-                core.leases.insert(offset, Lease { attempt, deadline, consumer, bytes });
+                core.leases.insert(
+                    offset,
+                    Lease {
+                        attempt,
+                        deadline,
+                        consumer,
+                        bytes,
+                    },
+                );
                 core.deadlines.insert((deadline, offset));
                 let o = core.consumers.entry(consumer).or_default();
                 o.messages += 1;
                 o.bytes += bytes;
-                out.push(Delivery { ack_id: AckId { offset, attempt }, attempt, record });
+                out.push(Delivery {
+                    ack_id: AckId { offset, attempt },
+                    attempt,
+                    record,
+                });
             }
             let mut settle_now = skipped;
             settle_now.extend(lost.iter().copied());
@@ -413,7 +470,11 @@ impl Subscription {
                 let ranges = core.settle(&settle_now);
                 entries.push(StateEntry::Settled { ranges });
             }
-            let ticket = if entries.is_empty() { None } else { Some(self.journal.enqueue(self.id(), &entries)?) };
+            let ticket = if entries.is_empty() {
+                None
+            } else {
+                Some(self.journal.enqueue(self.id(), &entries)?)
+            };
             (out, ticket)
         };
         if !lost.is_empty() {
@@ -426,8 +487,18 @@ impl Subscription {
     }
 
     fn read_one(&self, offset: u64) -> Result<Option<Record>, StorageError> {
-        let batch = self.topic.log.read(Offset(offset), ReadLimits { records_max: 1, bytes_max: 1 })?;
-        Ok(batch.records.into_iter().next().filter(|r| r.offset.0 == offset))
+        let batch = self.topic.log.read(
+            Offset(offset),
+            ReadLimits {
+                records_max: 1,
+                bytes_max: 1,
+            },
+        )?;
+        Ok(batch
+            .records
+            .into_iter()
+            .next()
+            .filter(|r| r.offset.0 == offset))
     }
 
     /// Acknowledges deliveries; durable when this returns.
@@ -438,7 +509,9 @@ impl Subscription {
             let outcomes: Vec<AckOutcome> = ids
                 .iter()
                 .map(|id| {
-                    let Some(id) = id else { return AckOutcome::Unknown };
+                    let Some(id) = id else {
+                        return AckOutcome::Unknown;
+                    };
                     let outcome = Self::check_current(&core, *id);
                     if outcome == AckOutcome::Ok {
                         settle.push(id.offset);
@@ -450,7 +523,10 @@ impl Subscription {
                 None
             } else {
                 let ranges = core.settle(&settle);
-                Some(self.journal.enqueue(self.id(), &[StateEntry::Settled { ranges }])?)
+                Some(
+                    self.journal
+                        .enqueue(self.id(), &[StateEntry::Settled { ranges }])?,
+                )
             };
             (outcomes, ticket)
         };
@@ -480,7 +556,11 @@ impl Subscription {
     }
 
     /// Changes lease deadlines; `deadline` zero nacks.
-    pub async fn modify_deadline(&self, ids: &[Option<AckId>], deadline: Duration) -> Result<Vec<AckOutcome>> {
+    pub async fn modify_deadline(
+        &self,
+        ids: &[Option<AckId>],
+        deadline: Duration,
+    ) -> Result<Vec<AckOutcome>> {
         if deadline.is_zero() {
             return self.nack(ids, None).await;
         }
@@ -489,13 +569,21 @@ impl Subscription {
         Ok(ids
             .iter()
             .map(|id| {
-                let Some(id) = id else { return AckOutcome::Unknown };
+                let Some(id) = id else {
+                    return AckOutcome::Unknown;
+                };
                 match core.leases.get(&id.offset).copied() {
                     Some(lease) if lease.attempt == id.attempt => {
                         core.deadlines.remove(&(lease.deadline, id.offset));
                         let new = now + deadline;
                         core.deadlines.insert((new, id.offset));
-                        core.leases.insert(id.offset, Lease { deadline: new, ..lease });
+                        core.leases.insert(
+                            id.offset,
+                            Lease {
+                                deadline: new,
+                                ..lease
+                            },
+                        );
                         AckOutcome::Ok
                     }
                     _ => match Self::check_current(&core, *id) {
@@ -511,7 +599,11 @@ impl Subscription {
     /// Nacks deliveries: each is redelivered after the retry backoff, or
     /// dead-lettered if `reject` is given or attempts are exhausted. Dead
     /// letters are durable when this returns.
-    pub async fn nack(&self, ids: &[Option<AckId>], reject: Option<&str>) -> Result<Vec<AckOutcome>> {
+    pub async fn nack(
+        &self,
+        ids: &[Option<AckId>],
+        reject: Option<&str>,
+    ) -> Result<Vec<AckOutcome>> {
         let def = self.def();
         let mut to_dead_letter = Vec::new();
         let outcomes = {
@@ -519,7 +611,9 @@ impl Subscription {
             let now = Instant::now();
             ids.iter()
                 .map(|id| {
-                    let Some(id) = id else { return AckOutcome::Unknown };
+                    let Some(id) = id else {
+                        return AckOutcome::Unknown;
+                    };
                     let outcome = Self::check_current(&core, *id);
                     if outcome != AckOutcome::Ok {
                         return outcome;
@@ -531,12 +625,28 @@ impl Subscription {
                     let attempts = core.attempts(id.offset);
                     if let Some(text) = reject {
                         core.dead_lettering.insert(id.offset);
-                        to_dead_letter.push((id.offset, DeadLetterReason::Rejected, text.to_string()));
-                    } else if def.dead_letter.as_ref().is_some_and(|p| attempts >= p.max_delivery_attempts) {
+                        to_dead_letter.push((
+                            id.offset,
+                            DeadLetterReason::Rejected,
+                            text.to_string(),
+                        ));
+                    } else if def
+                        .dead_letter
+                        .as_ref()
+                        .is_some_and(|p| attempts >= p.max_delivery_attempts)
+                    {
                         core.dead_lettering.insert(id.offset);
-                        to_dead_letter.push((id.offset, DeadLetterReason::AttemptsExhausted, String::new()));
+                        to_dead_letter.push((
+                            id.offset,
+                            DeadLetterReason::AttemptsExhausted,
+                            String::new(),
+                        ));
                     } else {
-                        let backoff = backoff_ms(def.retry.min_backoff_ms, def.retry.max_backoff_ms, attempts);
+                        let backoff = backoff_ms(
+                            def.retry.min_backoff_ms,
+                            def.retry.max_backoff_ms,
+                            attempts,
+                        );
                         core.schedule(id.offset, now + Duration::from_millis(backoff));
                     }
                     AckOutcome::Ok
@@ -555,7 +665,12 @@ impl Subscription {
         let mut to_dead_letter = Vec::new();
         {
             let mut core = self.core.lock();
-            let mine: Vec<u64> = core.leases.iter().filter(|(_, l)| l.consumer == consumer).map(|(o, _)| *o).collect();
+            let mine: Vec<u64> = core
+                .leases
+                .iter()
+                .filter(|(_, l)| l.consumer == consumer)
+                .map(|(o, _)| *o)
+                .collect();
             let now = Instant::now();
             for offset in mine {
                 core.remove_lease(offset);
@@ -569,9 +684,20 @@ impl Subscription {
         }
     }
 
-    fn fail_attempt(&self, core: &mut Core, def: &SubscriptionDef, offset: u64, now: Instant, to_dead_letter: &mut Vec<(u64, DeadLetterReason, String)>) {
+    fn fail_attempt(
+        &self,
+        core: &mut Core,
+        def: &SubscriptionDef,
+        offset: u64,
+        now: Instant,
+        to_dead_letter: &mut Vec<(u64, DeadLetterReason, String)>,
+    ) {
         let attempts = core.attempts(offset);
-        if def.dead_letter.as_ref().is_some_and(|p| attempts >= p.max_delivery_attempts) {
+        if def
+            .dead_letter
+            .as_ref()
+            .is_some_and(|p| attempts >= p.max_delivery_attempts)
+        {
             core.dead_lettering.insert(offset);
             to_dead_letter.push((offset, DeadLetterReason::AttemptsExhausted, String::new()));
         } else {
@@ -639,7 +765,11 @@ impl Subscription {
             forward.push(message);
             offsets.push(offset);
         }
-        let appended = if records.is_empty() { Ok(()) } else { self.dlq.append(&records).await.map(|_| ()) };
+        let appended = if records.is_empty() {
+            Ok(())
+        } else {
+            self.dlq.append(&records).await.map(|_| ())
+        };
         let ticket = {
             let mut core = self.core.lock();
             for o in &offsets {
@@ -653,10 +783,15 @@ impl Subscription {
                 return Err(e.into());
             }
             let ranges = core.settle(&offsets);
-            self.journal.enqueue(self.id(), &[StateEntry::Settled { ranges }])?
+            self.journal
+                .enqueue(self.id(), &[StateEntry::Settled { ranges }])?
         };
         ticket.wait().await?;
-        if let Some(topic) = def.dead_letter.as_ref().and_then(|p| p.forward_topic.clone()) {
+        if let Some(topic) = def
+            .dead_letter
+            .as_ref()
+            .and_then(|p| p.forward_topic.clone())
+        {
             if let Some(target) = self.topic.broker_topic(&topic) {
                 let copies: Vec<NewRecord> = forward
                     .into_iter()
@@ -700,7 +835,8 @@ impl Subscription {
     }
 
     fn backlog_messages(&self, core: &Core, next: u64) -> u64 {
-        next.saturating_sub(core.state.settled.floor()).saturating_sub(core.state.settled.count_above_floor())
+        next.saturating_sub(core.state.settled.floor())
+            .saturating_sub(core.state.settled.count_above_floor())
     }
 
     /// Settled floor: every offset below is acked or dead-lettered.
@@ -715,11 +851,21 @@ impl Subscription {
             if core.state.settled.floor() >= first.0 {
                 return Ok(());
             }
-            let doomed: Vec<u64> = core.leases.keys().copied().filter(|o| *o < first.0).collect();
+            let doomed: Vec<u64> = core
+                .leases
+                .keys()
+                .copied()
+                .filter(|o| *o < first.0)
+                .collect();
             for o in doomed {
                 core.remove_lease(o);
             }
-            let stale: Vec<(Instant, u64)> = core.ready.iter().copied().filter(|(_, o)| *o < first.0).collect();
+            let stale: Vec<(Instant, u64)> = core
+                .ready
+                .iter()
+                .copied()
+                .filter(|(_, o)| *o < first.0)
+                .collect();
             for (at, o) in stale {
                 core.ready.remove(&(at, o));
                 core.ready_at.remove(&o);
@@ -747,15 +893,27 @@ impl Subscription {
             )
         };
         let oldest = if floor < next {
-            self.read_one(floor).ok().flatten().map(|r| now_us().saturating_sub(r.publish_time_us) / 1000)
+            self.read_one(floor)
+                .ok()
+                .flatten()
+                .map(|r| now_us().saturating_sub(r.publish_time_us) / 1000)
         } else {
             None
         };
         SubscriptionStats {
             backlog_messages: backlog,
-            backlog_bytes: if backlog == 0 { 0 } else { self.topic.log.bytes_from(Offset(floor)) },
+            backlog_bytes: if backlog == 0 {
+                0
+            } else {
+                self.topic.log.bytes_from(Offset(floor))
+            },
             in_flight_messages: in_flight,
-            dead_lettered_messages: self.dlq.next_offset().0.saturating_sub(dlq_floor).saturating_sub(dlq_removed),
+            dead_lettered_messages: self
+                .dlq
+                .next_offset()
+                .0
+                .saturating_sub(dlq_floor)
+                .saturating_sub(dlq_removed),
             oldest_unacked_age_ms: oldest,
             ack_floor: floor,
         }
@@ -775,7 +933,9 @@ impl Subscription {
                 });
             }
             if !core.state.settled.contains(offset) {
-                return Ok(MessageState::Pending { attempts: core.attempts(offset) });
+                return Ok(MessageState::Pending {
+                    attempts: core.attempts(offset),
+                });
             }
         }
         for dl in self.dead_letters(Offset(0), usize::MAX)?.0 {
@@ -791,12 +951,22 @@ impl Subscription {
 
     /// Live dead letters from dead-letter offset `from`, up to `max`.
     /// Returns them and the offset to continue from, if there are more.
-    pub fn dead_letters(&self, from: Offset, max: usize) -> Result<(Vec<DeadLetter>, Option<Offset>)> {
+    pub fn dead_letters(
+        &self,
+        from: Offset,
+        max: usize,
+    ) -> Result<(Vec<DeadLetter>, Option<Offset>)> {
         let removed = self.core.lock().state.dlq_removed.clone();
         let mut out = Vec::new();
         let mut from = from.max(Offset(removed.floor()));
         loop {
-            let batch = match self.dlq.read(from, ReadLimits { records_max: 1000, bytes_max: 4 << 20 }) {
+            let batch = match self.dlq.read(
+                from,
+                ReadLimits {
+                    records_max: 1000,
+                    bytes_max: 4 << 20,
+                },
+            ) {
                 Ok(b) => b,
                 Err(StorageError::Corrupt { next_readable, .. }) => {
                     from = next_readable;
@@ -816,7 +986,9 @@ impl Subscription {
                 }
                 match dead_letter::decode(record) {
                     Some(dl) => out.push(dl),
-                    None => tracing::error!(subscription = %self.name(), offset = %record.offset, "undecodable dead letter skipped"),
+                    None => {
+                        tracing::error!(subscription = %self.name(), offset = %record.offset, "undecodable dead letter skipped")
+                    }
                 }
             }
             from = batch.next;
@@ -845,7 +1017,10 @@ impl Subscription {
         let (live, _) = self.dead_letters(Offset(0), usize::MAX)?;
         let unsettled: Vec<u64> = {
             let core = self.core.lock();
-            live.iter().map(|d| d.source_offset.0).filter(|o| !core.state.settled.contains(*o)).collect()
+            live.iter()
+                .map(|d| d.source_offset.0)
+                .filter(|o| !core.state.settled.contains(*o))
+                .collect()
         };
         if unsettled.is_empty() {
             return Ok(0);
@@ -854,7 +1029,8 @@ impl Subscription {
         let ticket = {
             let mut core = self.core.lock();
             let ranges = core.settle(&unsettled);
-            self.journal.enqueue(self.id(), &[StateEntry::Settled { ranges }])?
+            self.journal
+                .enqueue(self.id(), &[StateEntry::Settled { ranges }])?
         };
         ticket.wait().await?;
         Ok(n)
@@ -869,7 +1045,10 @@ impl Subscription {
     /// once it is durable.
     pub(crate) fn snapshot(&self) -> Result<crate::storage::AppendTicket> {
         let core = self.core.lock();
-        Ok(self.journal.enqueue(self.id(), &[StateEntry::Snapshot(Box::new(core.state.clone()))])?)
+        Ok(self.journal.enqueue(
+            self.id(),
+            &[StateEntry::Snapshot(Box::new(core.state.clone()))],
+        )?)
     }
 }
 
@@ -899,7 +1078,10 @@ mod tests {
 
     #[test]
     fn ack_ids_round_trip() {
-        let id = AckId { offset: 12, attempt: 3 };
+        let id = AckId {
+            offset: 12,
+            attempt: 3,
+        };
         assert_eq!(id.to_string().parse::<AckId>(), Ok(id));
         assert!("12".parse::<AckId>().is_err());
         assert!("a-b".parse::<AckId>().is_err());

@@ -1,0 +1,150 @@
+//! Conversions between protocol messages and broker types.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use prost_types::Timestamp;
+
+use crate::api::pb::v1;
+use crate::broker::{DeadLetter, DeadLetterReason, Delivery, Subscription};
+use crate::storage::meta::{DeadLetterPolicy, RetryPolicy, TopicDef};
+use crate::storage::{Attribute, NewRecord, Record};
+
+/// A protobuf timestamp from microseconds since the Unix epoch.
+pub fn timestamp_us(us: u64) -> Timestamp {
+    Timestamp {
+        seconds: i64::try_from(us / 1_000_000).unwrap_or(i64::MAX),
+        nanos: i32::try_from((us % 1_000_000) * 1000).unwrap_or(0),
+    }
+}
+
+/// A protobuf timestamp from milliseconds since the Unix epoch.
+pub fn timestamp_ms(ms: u64) -> Timestamp {
+    timestamp_us(ms.saturating_mul(1000))
+}
+
+/// Microseconds since the epoch as an optional timestamp (0 = unset).
+fn opt_timestamp_us(us: u64) -> Option<Timestamp> {
+    (us > 0).then(|| timestamp_us(us))
+}
+
+pub fn new_record(m: v1::PublishMessage) -> NewRecord {
+    let mut attributes: Vec<Attribute> = m
+        .attributes
+        .into_iter()
+        .map(|(k, v)| Attribute {
+            key: Bytes::from(k),
+            value: Bytes::from(v),
+        })
+        .collect();
+    // Map order is random; store attributes in a stable order.
+    attributes.sort_by(|a, b| a.key.cmp(&b.key));
+    NewRecord {
+        message_id: None,
+        target: None,
+        attributes,
+        ordering_key: Bytes::from(m.ordering_key),
+        payload: m.data,
+    }
+}
+
+fn attributes_map(attrs: &[Attribute]) -> HashMap<String, String> {
+    attrs
+        .iter()
+        .map(|a| {
+            (
+                String::from_utf8_lossy(&a.key).into_owned(),
+                String::from_utf8_lossy(&a.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
+pub fn message(r: &Record) -> v1::Message {
+    v1::Message {
+        message_id: r.message_id.to_string(),
+        data: r.payload.clone(),
+        attributes: attributes_map(&r.attributes),
+        ordering_key: String::from_utf8_lossy(&r.ordering_key).into_owned(),
+        publish_time: Some(timestamp_us(r.publish_time_us)),
+    }
+}
+
+pub fn received(d: &Delivery) -> v1::ReceivedMessage {
+    v1::ReceivedMessage {
+        ack_id: d.ack_id.to_string(),
+        message: Some(message(&d.record)),
+        delivery_attempt: d.attempt,
+    }
+}
+
+pub fn topic(def: &TopicDef) -> v1::Topic {
+    v1::Topic {
+        name: def.name.clone(),
+        retention: Some(v1::RetentionPolicy {
+            max_age_ms: def.retention.max_age_ms,
+            max_bytes: def.retention.max_bytes,
+        }),
+        create_time: Some(timestamp_ms(def.created_ms)),
+    }
+}
+
+pub fn subscription(sub: &Subscription) -> v1::Subscription {
+    let def = sub.def();
+    v1::Subscription {
+        name: def.name,
+        topic: def.topic,
+        ack_deadline_ms: def.ack_deadline_ms,
+        retry_policy: Some(v1::RetryPolicy {
+            min_backoff_ms: def.retry.min_backoff_ms,
+            max_backoff_ms: def.retry.max_backoff_ms,
+        }),
+        dead_letter_policy: def.dead_letter.map(|p| v1::DeadLetterPolicy {
+            max_delivery_attempts: p.max_delivery_attempts,
+            forward_topic: p.forward_topic.unwrap_or_default(),
+        }),
+        start_position: if def.from_earliest {
+            v1::StartPosition::Earliest as i32
+        } else {
+            v1::StartPosition::Latest as i32
+        },
+        create_time: Some(timestamp_ms(def.created_ms)),
+    }
+}
+
+pub fn retry_policy(p: Option<v1::RetryPolicy>) -> RetryPolicy {
+    p.map(|p| RetryPolicy {
+        min_backoff_ms: p.min_backoff_ms,
+        max_backoff_ms: p.max_backoff_ms,
+    })
+    .unwrap_or_default()
+}
+
+pub fn dead_letter_policy(p: Option<v1::DeadLetterPolicy>) -> Option<DeadLetterPolicy> {
+    p.map(|p| DeadLetterPolicy {
+        max_delivery_attempts: p.max_delivery_attempts,
+        forward_topic: (!p.forward_topic.is_empty()).then_some(p.forward_topic),
+    })
+}
+
+pub fn reason(r: DeadLetterReason) -> v1::DeadLetterReason {
+    match r {
+        DeadLetterReason::AttemptsExhausted => v1::DeadLetterReason::AttemptsExhausted,
+        DeadLetterReason::Rejected => v1::DeadLetterReason::Rejected,
+    }
+}
+
+pub fn dead_letter(dl: &DeadLetter, subscription: &str) -> v1::DeadLetter {
+    v1::DeadLetter {
+        message: Some(message(&dl.message)),
+        reason: reason(dl.reason) as i32,
+        reason_text: dl.reason_text.clone(),
+        delivery_attempts: dl.delivery_attempts,
+        first_delivery_time: opt_timestamp_us(dl.first_delivery_us),
+        last_delivery_time: opt_timestamp_us(dl.last_delivery_us),
+        dead_letter_time: Some(timestamp_us(dl.dead_letter_us)),
+        topic: dl.topic.clone(),
+        subscription: subscription.to_string(),
+        offset: dl.source_offset.0,
+    }
+}

@@ -1,0 +1,429 @@
+//! The Subscriber service: Pull, StreamingPull, Acknowledge,
+//! ModifyAckDeadline and Nack.
+//!
+//! A StreamingPull stream is a spawned task feeding a bounded channel: it
+//! leases messages up to the stream's flow-control limits, applies the
+//! acks, nacks and deadline changes the client sends, and on any exit
+//! releases the stream's leases so their messages are redelivered at once.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::api::pb::v1::{self, subscriber_server::Subscriber};
+use crate::api::{convert, status};
+use crate::broker::config::{
+    ACK_DEADLINE_MS_MAX, ACK_DEADLINE_MS_MIN, ACK_IDS_PER_REQUEST_MAX, PULL_MESSAGES_MAX,
+    PULL_WAIT_MS_MAX, REASON_BYTES_MAX, STREAM_OUTSTANDING_BYTES_DEFAULT,
+    STREAM_OUTSTANDING_MESSAGES_DEFAULT, STREAM_OUTSTANDING_MESSAGES_MAX,
+};
+use crate::broker::subscription::PULL_CONSUMER;
+use crate::broker::{AckId, AckOutcome, Broker, ConsumerId, LeaseLimits, Subscription};
+
+/// Responses buffered per stream before the stream task waits for the
+/// client to read.
+const STREAM_CHANNEL_CAPACITY: usize = 16;
+/// How often a stream with no credit re-checks (lease expiry frees credit).
+const STREAM_RECHECK: Duration = Duration::from_millis(50);
+
+/// Serves `courier.v1.Subscriber` over a [`Broker`].
+#[derive(Debug, Clone)]
+pub struct SubscriberService {
+    broker: Broker,
+}
+
+impl SubscriberService {
+    pub fn new(broker: Broker) -> Self {
+        Self { broker }
+    }
+
+    fn subscription(&self, name: &str) -> Result<Arc<Subscription>, Status> {
+        crate::broker::config::check_name("subscription", name).map_err(status::to_status)?;
+        if self.broker.is_shutting_down() {
+            return Err(Status::unavailable("the broker is shutting down"));
+        }
+        self.broker.subscription(name).map_err(status::to_status)
+    }
+}
+
+fn check_ack_ids(field: &str, ids: &[String]) -> Result<Vec<Option<AckId>>, Status> {
+    if ids.is_empty() {
+        return Err(status::invalid(field, "must contain at least one ack id"));
+    }
+    if ids.len() > ACK_IDS_PER_REQUEST_MAX {
+        return Err(status::invalid(
+            field,
+            format!(
+                "has {} ack ids; at most {ACK_IDS_PER_REQUEST_MAX}",
+                ids.len()
+            ),
+        ));
+    }
+    Ok(ids.iter().map(|s| s.parse().ok()).collect())
+}
+
+fn check_deadline(field: &str, ms: u64, zero_ok: bool) -> Result<Duration, Status> {
+    if (ms == 0 && zero_ok) || (ACK_DEADLINE_MS_MIN..=ACK_DEADLINE_MS_MAX).contains(&ms) {
+        return Ok(Duration::from_millis(ms));
+    }
+    Err(status::invalid(
+        field,
+        format!(
+            "{ms} is outside {ACK_DEADLINE_MS_MIN}..={ACK_DEADLINE_MS_MAX}{}",
+            if zero_ok { " (or 0 to nack)" } else { "" }
+        ),
+    ))
+}
+
+fn check_reason(field: &str, reason: &str) -> Result<(), Status> {
+    if reason.len() > REASON_BYTES_MAX {
+        return Err(status::invalid(
+            field,
+            format!("is {} bytes; at most {REASON_BYTES_MAX}", reason.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn results(ids: &[String], outcomes: Vec<AckOutcome>) -> Vec<v1::AckResult> {
+    ids.iter()
+        .zip(outcomes)
+        .map(|(id, o)| v1::AckResult {
+            ack_id: id.clone(),
+            status: match o {
+                AckOutcome::Ok => v1::AckStatus::Ok,
+                AckOutcome::Unknown => v1::AckStatus::Unknown,
+                AckOutcome::Stale => v1::AckStatus::Stale,
+            } as i32,
+        })
+        .collect()
+}
+
+/// Flow-control settings of one stream.
+#[derive(Debug, Clone, Copy)]
+struct StreamSettings {
+    deadline: Duration,
+    messages_max: u64,
+    bytes_max: u64,
+}
+
+impl StreamSettings {
+    fn update(&mut self, req: &v1::StreamingPullRequest) -> Result<(), Status> {
+        if let Some(ms) = req.stream_ack_deadline_ms {
+            self.deadline = check_deadline("stream_ack_deadline_ms", ms, false)?;
+        }
+        if let Some(n) = req.max_outstanding_messages {
+            if !(1..=STREAM_OUTSTANDING_MESSAGES_MAX).contains(&n) {
+                return Err(status::invalid(
+                    "max_outstanding_messages",
+                    format!("{n} is outside 1..={STREAM_OUTSTANDING_MESSAGES_MAX}"),
+                ));
+            }
+            self.messages_max = n;
+        }
+        if let Some(n) = req.max_outstanding_bytes {
+            if n == 0 {
+                return Err(status::invalid(
+                    "max_outstanding_bytes",
+                    "must be at least 1",
+                ));
+            }
+            self.bytes_max = n;
+        }
+        Ok(())
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<v1::StreamingPullResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Subscriber for SubscriberService {
+    async fn pull(
+        &self,
+        request: Request<v1::PullRequest>,
+    ) -> Result<Response<v1::PullResponse>, Status> {
+        let req = request.into_inner();
+        let sub = self.subscription(&req.subscription)?;
+        if !(1..=PULL_MESSAGES_MAX).contains(&req.max_messages) {
+            return Err(status::invalid(
+                "max_messages",
+                format!("{} is outside 1..={PULL_MESSAGES_MAX}", req.max_messages),
+            ));
+        }
+        if req.wait_ms > PULL_WAIT_MS_MAX {
+            return Err(status::invalid(
+                "wait_ms",
+                format!("{} is over {PULL_WAIT_MS_MAX}", req.wait_ms),
+            ));
+        }
+        let until = Instant::now() + Duration::from_millis(req.wait_ms);
+        let mut topic = sub.watch_topic();
+        loop {
+            topic.borrow_and_update();
+            let notified = sub.wake_signal().notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let limits = LeaseLimits {
+                messages_max: req.max_messages as usize,
+                bytes_max: u64::MAX,
+                allow_oversize: true,
+                deadline: Duration::from_millis(sub.def().ack_deadline_ms),
+            };
+            let deliveries = sub
+                .lease(PULL_CONSUMER, limits)
+                .await
+                .map_err(status::to_status)?;
+            if !deliveries.is_empty() || Instant::now() >= until || self.broker.is_shutting_down() {
+                return Ok(Response::new(v1::PullResponse {
+                    received_messages: deliveries.iter().map(convert::received).collect(),
+                }));
+            }
+            tokio::select! {
+                _ = topic.changed() => {}
+                _ = notified => {}
+                _ = tokio::time::sleep_until(until.into()) => {}
+            }
+        }
+    }
+
+    type StreamingPullStream = ResponseStream;
+
+    async fn streaming_pull(
+        &self,
+        request: Request<Streaming<v1::StreamingPullRequest>>,
+    ) -> Result<Response<Self::StreamingPullStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = match inbound.next().await {
+            Some(Ok(first)) => first,
+            Some(Err(status)) => return Err(status),
+            None => {
+                return Err(status::invalid(
+                    "subscription",
+                    "the stream ended before its first request",
+                ));
+            }
+        };
+        let sub = self.subscription(&first.subscription)?;
+        let mut settings = StreamSettings {
+            deadline: Duration::from_millis(sub.def().ack_deadline_ms),
+            messages_max: STREAM_OUTSTANDING_MESSAGES_DEFAULT,
+            bytes_max: STREAM_OUTSTANDING_BYTES_DEFAULT,
+        };
+        settings.update(&first)?;
+        let (tx, rx) = mpsc::channel(STREAM_CHANNEL_CAPACITY);
+        let consumer = self.broker.new_consumer_id();
+        sub.register_consumer(consumer);
+        let stream = StreamTask {
+            broker: self.broker.clone(),
+            sub,
+            consumer,
+            settings,
+            tx,
+        };
+        tokio::spawn(stream.run(first, inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn acknowledge(
+        &self,
+        request: Request<v1::AcknowledgeRequest>,
+    ) -> Result<Response<v1::AcknowledgeResponse>, Status> {
+        let req = request.into_inner();
+        let sub = self.subscription(&req.subscription)?;
+        let ids = check_ack_ids("ack_ids", &req.ack_ids)?;
+        let outcomes = sub.ack(&ids).await.map_err(status::to_status)?;
+        Ok(Response::new(v1::AcknowledgeResponse {
+            results: results(&req.ack_ids, outcomes),
+        }))
+    }
+
+    async fn modify_ack_deadline(
+        &self,
+        request: Request<v1::ModifyAckDeadlineRequest>,
+    ) -> Result<Response<v1::ModifyAckDeadlineResponse>, Status> {
+        let req = request.into_inner();
+        let sub = self.subscription(&req.subscription)?;
+        let ids = check_ack_ids("ack_ids", &req.ack_ids)?;
+        let deadline = check_deadline("ack_deadline_ms", req.ack_deadline_ms, true)?;
+        let outcomes = sub
+            .modify_deadline(&ids, deadline)
+            .await
+            .map_err(status::to_status)?;
+        Ok(Response::new(v1::ModifyAckDeadlineResponse {
+            results: results(&req.ack_ids, outcomes),
+        }))
+    }
+
+    async fn nack(
+        &self,
+        request: Request<v1::NackRequest>,
+    ) -> Result<Response<v1::NackResponse>, Status> {
+        let req = request.into_inner();
+        let sub = self.subscription(&req.subscription)?;
+        let ids = check_ack_ids("ack_ids", &req.ack_ids)?;
+        check_reason("reason", &req.reason)?;
+        let reject = req.reject.then_some(req.reason.as_str());
+        let outcomes = sub.nack(&ids, reject).await.map_err(status::to_status)?;
+        Ok(Response::new(v1::NackResponse {
+            results: results(&req.ack_ids, outcomes),
+        }))
+    }
+}
+
+/// One StreamingPull stream's task.
+struct StreamTask {
+    broker: Broker,
+    sub: Arc<Subscription>,
+    consumer: ConsumerId,
+    settings: StreamSettings,
+    tx: mpsc::Sender<Result<v1::StreamingPullResponse, Status>>,
+}
+
+impl StreamTask {
+    async fn run(
+        mut self,
+        first: v1::StreamingPullRequest,
+        mut inbound: Streaming<v1::StreamingPullRequest>,
+    ) {
+        let name = self.sub.name();
+        let end = self.serve(first, &mut inbound).await;
+        if let Err(status) = end {
+            let _ = self.tx.send(Err(status)).await;
+        }
+        self.sub.release_consumer(self.consumer).await;
+        tracing::debug!(subscription = %name, consumer = self.consumer, "stream ended");
+    }
+
+    /// Runs until the client half-closes or goes away (Ok) or an error
+    /// ends the stream.
+    async fn serve(
+        &mut self,
+        first: v1::StreamingPullRequest,
+        inbound: &mut Streaming<v1::StreamingPullRequest>,
+    ) -> Result<(), Status> {
+        self.apply(first).await?;
+        let mut topic = self.sub.watch_topic();
+        let sub = self.sub.clone();
+        loop {
+            if self.broker.is_shutting_down() {
+                return Err(Status::unavailable("the broker is shutting down"));
+            }
+            if self.sub.is_deleted() {
+                return Err(Status::not_found(format!(
+                    "subscription {:?} was deleted",
+                    self.sub.name()
+                )));
+            }
+            topic.borrow_and_update();
+            let notified = sub.wake_signal().notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let held = self.sub.outstanding(self.consumer);
+            let has_credit =
+                held.messages < self.settings.messages_max && held.bytes < self.settings.bytes_max;
+            let mut sent = false;
+            if has_credit {
+                let limits = LeaseLimits {
+                    messages_max: usize::try_from(self.settings.messages_max - held.messages)
+                        .unwrap_or(usize::MAX),
+                    bytes_max: self.settings.bytes_max - held.bytes,
+                    allow_oversize: held.messages == 0,
+                    deadline: self.settings.deadline,
+                };
+                let deliveries = self
+                    .sub
+                    .lease(self.consumer, limits)
+                    .await
+                    .map_err(status::to_status)?;
+                if !deliveries.is_empty() {
+                    sent = true;
+                    let response = v1::StreamingPullResponse {
+                        received_messages: deliveries.iter().map(convert::received).collect(),
+                        ack_results: Vec::new(),
+                    };
+                    if self.tx.send(Ok(response)).await.is_err() {
+                        return Ok(()); // the client went away
+                    }
+                }
+            }
+            // Without credit, or after a delivery, poll the client first and
+            // re-check soon; otherwise wait for new work.
+            let recheck = if sent { Duration::ZERO } else { STREAM_RECHECK };
+            tokio::select! {
+                biased;
+                msg = inbound.next() => match msg {
+                    Some(Ok(req)) => self.apply(req).await?,
+                    Some(Err(_)) | None => return Ok(()),
+                },
+                _ = self.tx.closed() => return Ok(()),
+                _ = topic.changed(), if has_credit && !sent => {}
+                _ = &mut notified, if !sent => {}
+                _ = tokio::time::sleep(recheck) => {}
+            }
+        }
+    }
+
+    /// Applies one client request: settings, acks, deadline changes, nacks.
+    async fn apply(&mut self, req: v1::StreamingPullRequest) -> Result<(), Status> {
+        if !req.subscription.is_empty() && req.subscription != self.sub.name() {
+            return Err(status::invalid(
+                "subscription",
+                "must be empty or the stream's subscription after the first request",
+            ));
+        }
+        self.settings.update(&req)?;
+        if req.modify_deadlines.len() > ACK_IDS_PER_REQUEST_MAX {
+            return Err(status::invalid(
+                "modify_deadlines",
+                format!("at most {ACK_IDS_PER_REQUEST_MAX} per request"),
+            ));
+        }
+        if req.nacks.len() > ACK_IDS_PER_REQUEST_MAX {
+            return Err(status::invalid(
+                "nacks",
+                format!("at most {ACK_IDS_PER_REQUEST_MAX} per request"),
+            ));
+        }
+        let mut ack_results = Vec::new();
+        if !req.ack_ids.is_empty() {
+            let ids = check_ack_ids("ack_ids", &req.ack_ids)?;
+            let outcomes = self.sub.ack(&ids).await.map_err(status::to_status)?;
+            ack_results.extend(results(&req.ack_ids, outcomes));
+        }
+        for m in &req.modify_deadlines {
+            let deadline =
+                check_deadline("modify_deadlines.ack_deadline_ms", m.ack_deadline_ms, true)?;
+            let outcomes = self
+                .sub
+                .modify_deadline(&[m.ack_id.parse().ok()], deadline)
+                .await
+                .map_err(status::to_status)?;
+            ack_results.extend(results(std::slice::from_ref(&m.ack_id), outcomes));
+        }
+        for n in &req.nacks {
+            check_reason("nacks.reason", &n.reason)?;
+            let reject = n.reject.then_some(n.reason.as_str());
+            let outcomes = self
+                .sub
+                .nack(&[n.ack_id.parse().ok()], reject)
+                .await
+                .map_err(status::to_status)?;
+            ack_results.extend(results(std::slice::from_ref(&n.ack_id), outcomes));
+        }
+        if !ack_results.is_empty() {
+            let response = v1::StreamingPullResponse {
+                received_messages: Vec::new(),
+                ack_results,
+            };
+            if self.tx.send(Ok(response)).await.is_err() {
+                return Err(Status::cancelled("client went away"));
+            }
+        }
+        Ok(())
+    }
+}

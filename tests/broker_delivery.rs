@@ -1,0 +1,286 @@
+//! Delivery semantics end to end over gRPC: fan-out, acks, deadlines,
+//! nacks with backoff, dead letters, redrive, purge, stats and status.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::{TestServer, ack_ids, text};
+use courier::api::pb::v1;
+
+#[tokio::test]
+async fn fan_out_gives_every_subscription_every_message_once() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("orders").await;
+    for s in ["a", "b", "c"] {
+        c.create_sub(s, "orders").await;
+    }
+    let payloads: Vec<String> = (0..50).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+    let ids = c.publish("orders", &refs).await;
+    assert_eq!(ids.len(), 50);
+    for s in ["a", "b", "c"] {
+        let got = c.pull_n(s, 50, Duration::from_secs(5)).await;
+        let texts: BTreeSet<String> = got.iter().map(text).collect();
+        assert_eq!(texts.len(), 50, "subscription {s}");
+        assert!(got.iter().all(|m| m.delivery_attempt == 1));
+        let results = c.ack(s, ack_ids(&got)).await;
+        assert!(results.iter().all(|r| r.status == v1::AckStatus::Ok as i32));
+        // Nothing more: every message exactly once.
+        assert!(c.pull(s, 10, 300).await.is_empty());
+        assert_eq!(c.stats(s).await.backlog_messages, 0);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_later_subscription_gets_only_later_messages() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.publish("t", &["before"]).await;
+    c.create_sub("late", "t").await;
+    c.publish("t", &["after"]).await;
+    let got = c.pull_n("late", 2, Duration::from_millis(800)).await;
+    assert_eq!(got.iter().map(text).collect::<Vec<_>>(), vec!["after"]);
+    // From earliest sees both.
+    c.create_sub_with(v1::Subscription {
+        name: "early".into(),
+        topic: "t".into(),
+        start_position: v1::StartPosition::Earliest as i32,
+        ..Default::default()
+    })
+    .await;
+    let got = c.pull_n("early", 2, Duration::from_secs(3)).await;
+    assert_eq!(
+        got.iter().map(text).collect::<Vec<_>>(),
+        vec!["before", "after"]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_deadline_redelivers_with_attempt_two() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub_with(v1::Subscription {
+        name: "s".into(),
+        topic: "t".into(),
+        ack_deadline_ms: 200,
+        ..Default::default()
+    })
+    .await;
+    c.publish("t", &["x"]).await;
+    let first = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    assert_eq!(first[0].delivery_attempt, 1);
+    let started = Instant::now();
+    let second = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    assert_eq!(second[0].delivery_attempt, 2);
+    assert_eq!(text(&second[0]), "x");
+    // The first ack id is now stale; the second acks.
+    let r = c.ack("s", ack_ids(&first)).await;
+    assert_eq!(r[0].status, v1::AckStatus::Stale as i32);
+    let r = c.ack("s", ack_ids(&second)).await;
+    assert_eq!(r[0].status, v1::AckStatus::Ok as i32);
+    let r = c.ack("s", ack_ids(&second)).await;
+    assert_eq!(r[0].status, v1::AckStatus::Unknown as i32);
+    let r = c.ack("s", vec!["garbage".into()]).await;
+    assert_eq!(r[0].status, v1::AckStatus::Unknown as i32);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_nack_waits_for_the_retry_backoff() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub_with(v1::Subscription {
+        name: "s".into(),
+        topic: "t".into(),
+        retry_policy: Some(v1::RetryPolicy {
+            min_backoff_ms: 400,
+            max_backoff_ms: 1000,
+        }),
+        ..Default::default()
+    })
+    .await;
+    c.publish("t", &["x"]).await;
+    let first = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    let nacked = Instant::now();
+    c.nack("s", ack_ids(&first), None).await;
+    assert!(
+        c.pull("s", 1, 0).await.is_empty(),
+        "redelivered before the backoff"
+    );
+    let again = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    assert!(
+        nacked.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        nacked.elapsed()
+    );
+    assert_eq!(again[0].delivery_attempt, 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn exhausted_attempts_dead_letter_once_with_full_metadata_and_redrive_returns_it() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub_with(v1::Subscription {
+        name: "s".into(),
+        topic: "t".into(),
+        dead_letter_policy: Some(v1::DeadLetterPolicy {
+            max_delivery_attempts: 3,
+            forward_topic: String::new(),
+        }),
+        ..Default::default()
+    })
+    .await;
+    c.create_sub("other", "t").await;
+    let ids = c.publish("t", &["poison", "fine"]).await;
+    let mut attempts = Vec::new();
+    loop {
+        let got = c.pull("s", 10, 300).await;
+        if got.is_empty() {
+            break;
+        }
+        for m in got {
+            if text(&m) == "poison" {
+                attempts.push(m.delivery_attempt);
+                c.nack("s", vec![m.ack_id.clone()], None).await;
+            } else {
+                c.ack("s", vec![m.ack_id.clone()]).await;
+            }
+        }
+    }
+    assert_eq!(attempts, vec![1, 2, 3]);
+    let dls = c.dead_letters("s").await;
+    assert_eq!(dls.len(), 1);
+    let dl = &dls[0];
+    assert_eq!(dl.reason, v1::DeadLetterReason::AttemptsExhausted as i32);
+    assert_eq!(dl.delivery_attempts, 3);
+    assert_eq!(dl.topic, "t");
+    assert_eq!(dl.subscription, "s");
+    assert_eq!(dl.message.as_ref().unwrap().message_id, ids[0]);
+    assert_eq!(&dl.message.as_ref().unwrap().data[..], b"poison");
+    assert!(
+        dl.first_delivery_time.is_some()
+            && dl.last_delivery_time.is_some()
+            && dl.dead_letter_time.is_some()
+    );
+    assert_eq!(c.stats("s").await.dead_lettered_messages, 1);
+    assert_eq!(c.stats("s").await.backlog_messages, 0);
+
+    // Status: dead-lettered on s, pending on other.
+    let status = c
+        .admin
+        .get_message_status(v1::GetMessageStatusRequest {
+            topic: "t".into(),
+            message_id: ids[0].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let states: Vec<(String, i32)> = status
+        .subscriptions
+        .iter()
+        .map(|s| (s.subscription.clone(), s.state))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("other".into(), v1::MessageState::Pending as i32),
+            ("s".into(), v1::MessageState::DeadLettered as i32)
+        ]
+    );
+
+    // Redrive: back into s only, attempts reset.
+    let n = c
+        .admin
+        .redrive_dead_letters(v1::RedriveDeadLettersRequest {
+            subscription: "s".into(),
+            message_ids: vec![],
+            reason: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .redriven;
+    assert_eq!(n, 1);
+    assert!(c.dead_letters("s").await.is_empty());
+    let back = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    assert_eq!(text(&back[0]), "poison");
+    assert_eq!(back[0].delivery_attempt, 1);
+    assert_eq!(back[0].message.as_ref().unwrap().message_id, ids[0]);
+    // "other" sees the two originals only, not the redriven copy.
+    let other = c.pull_n("other", 3, Duration::from_millis(800)).await;
+    assert_eq!(other.len(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_rejected_message_goes_straight_to_the_dead_letter_queue_with_its_reason() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub("s", "t").await;
+    c.publish("t", &["bad"]).await;
+    let got = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    let r = c.nack("s", ack_ids(&got), Some("schema mismatch")).await;
+    assert_eq!(r[0].status, v1::AckStatus::Ok as i32);
+    let dls = c.dead_letters("s").await;
+    assert_eq!(dls.len(), 1);
+    assert_eq!(dls[0].reason, v1::DeadLetterReason::Rejected as i32);
+    assert_eq!(dls[0].reason_text, "schema mismatch");
+    assert_eq!(dls[0].delivery_attempts, 1);
+    assert!(c.pull("s", 1, 300).await.is_empty());
+    // Purge the dead letters.
+    let purged = c
+        .admin
+        .purge_dead_letters(v1::PurgeDeadLettersRequest {
+            subscription: "s".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .purged;
+    assert_eq!(purged, 1);
+    assert!(c.dead_letters("s").await.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn purge_acks_everything_published_so_far() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub("s", "t").await;
+    c.publish("t", &["1", "2", "3"]).await;
+    let leased = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    assert_eq!(c.stats("s").await.backlog_messages, 3);
+    assert_eq!(c.stats("s").await.in_flight_messages, 1);
+    let purged = c
+        .admin
+        .purge_subscription(v1::PurgeSubscriptionRequest { name: "s".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .purged_messages;
+    assert_eq!(purged, 3);
+    let stats = c.stats("s").await;
+    assert_eq!((stats.backlog_messages, stats.in_flight_messages), (0, 0));
+    assert!(c.pull("s", 10, 200).await.is_empty());
+    assert_eq!(
+        c.ack("s", ack_ids(&leased)).await[0].status,
+        v1::AckStatus::Unknown as i32
+    );
+    c.publish("t", &["4"]).await;
+    let got = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    assert_eq!(text(&got[0]), "4");
+    server.stop().await;
+}
