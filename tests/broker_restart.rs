@@ -1,0 +1,152 @@
+//! A graceful restart keeps topics, subscriptions, unacked messages,
+//! attempt numbers and dead letters.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestServer, ack_ids, test_config, text};
+use courier::api::pb::v1;
+
+#[tokio::test]
+async fn graceful_restart_keeps_everything_where_it_was() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(test_config(tmp.path())).await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub_with(v1::Subscription {
+        name: "s".into(),
+        topic: "t".into(),
+        ack_deadline_ms: 60_000,
+        dead_letter_policy: Some(v1::DeadLetterPolicy {
+            max_delivery_attempts: 5,
+            forward_topic: String::new(),
+        }),
+        ..Default::default()
+    })
+    .await;
+    c.create_sub("other", "t").await;
+    c.publish("t", &["acked", "leased", "pending", "rejected"])
+        .await;
+    let got = c.pull_n("s", 4, Duration::from_secs(3)).await;
+    assert_eq!(got.len(), 4);
+    for m in &got {
+        match text(m).as_str() {
+            "acked" => assert_eq!(
+                c.ack("s", vec![m.ack_id.clone()]).await[0].status,
+                v1::AckStatus::Ok as i32
+            ),
+            "pending" => {
+                c.nack("s", vec![m.ack_id.clone()], None).await;
+            }
+            "rejected" => {
+                c.nack("s", vec![m.ack_id.clone()], Some("nope")).await;
+            }
+            _ => {} // "leased" stays in flight across the restart
+        }
+    }
+    // "pending" was nacked and is redelivered with attempt 2, then left.
+    let again = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    assert_eq!(
+        (text(&again[0]).as_str(), again[0].delivery_attempt),
+        ("pending", 2)
+    );
+    server.stop().await;
+
+    let server = TestServer::start_with(test_config(tmp.path())).await;
+    let mut c = server.clients().await;
+    let topics = c
+        .admin
+        .list_topics(v1::ListTopicsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .topics;
+    assert_eq!(
+        topics.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        vec!["t"]
+    );
+    let sub = c
+        .admin
+        .get_subscription(v1::GetSubscriptionRequest { name: "s".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sub.ack_deadline_ms, 60_000);
+    assert_eq!(sub.dead_letter_policy.unwrap().max_delivery_attempts, 5);
+    // Dead letter kept.
+    let dls = c.dead_letters("s").await;
+    assert_eq!(dls.len(), 1);
+    assert_eq!(dls[0].reason_text, "nope");
+    // Unacked messages come back with the next attempt numbers; the acked
+    // one does not.
+    let mut back: Vec<(String, u32)> = c
+        .pull_n("s", 3, Duration::from_secs(3))
+        .await
+        .iter()
+        .map(|m| (text(m), m.delivery_attempt))
+        .collect();
+    back.sort();
+    assert_eq!(
+        back,
+        vec![("leased".to_string(), 2), ("pending".to_string(), 3)]
+    );
+    // The other subscription still has all four.
+    let other = c.pull_n("other", 4, Duration::from_secs(3)).await;
+    assert_eq!(other.len(), 4);
+    assert!(
+        c.ack("other", ack_ids(&other))
+            .await
+            .iter()
+            .all(|r| r.status == v1::AckStatus::Ok as i32)
+    );
+    // Publishing continues after the last offset.
+    let ids = c.publish("t", &["next"]).await;
+    assert_eq!(ids, vec!["4".to_string()]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn retention_frees_segments_once_every_subscription_acked_past_them() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub("a", "t").await;
+    c.create_sub("b", "t").await;
+    let payload = "x".repeat(1000);
+    for _ in 0..10 {
+        let batch: Vec<&str> = (0..50).map(|_| payload.as_str()).collect();
+        c.publish("t", &batch).await;
+    }
+    let stats = |c: &mut common::Clients| {
+        let mut a = c.admin.clone();
+        async move {
+            a.get_topic_stats(v1::GetTopicStatsRequest { name: "t".into() })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let before = stats(&mut c).await;
+    assert!(before.segments > 3, "{before:?}");
+    // Only "a" acks everything: nothing can go yet.
+    let got = c.pull_n("a", 500, Duration::from_secs(5)).await;
+    c.ack("a", ack_ids(&got)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(stats(&mut c).await.segments, before.segments);
+    // Then "b" too: disk use returns to about one segment.
+    let got = c.pull_n("b", 500, Duration::from_secs(5)).await;
+    for chunk in got.chunks(500) {
+        c.ack("b", ack_ids(chunk)).await;
+    }
+    let mut after = stats(&mut c).await;
+    for _ in 0..30 {
+        if after.segments == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        after = stats(&mut c).await;
+    }
+    assert_eq!(after.segments, 1, "{after:?}");
+    server.stop().await;
+}
