@@ -1,4 +1,6 @@
 pub mod api;
 pub mod broker;
-pub mod storage;
+pub mod cli;
+pub mod client;
 pub mod server;
+pub mod storage;

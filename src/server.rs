@@ -16,9 +16,9 @@ use crate::api::pb::v1::subscriber_server::SubscriberServer;
 use crate::api::{AdminService, PublisherService, SubscriberService, pb};
 use crate::broker::{Broker, BrokerConfig};
 
-/// Largest gRPC message the server accepts or sends: the largest broker
-/// message plus room for metadata and batching.
-const GRPC_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Largest gRPC message the server accepts or sends; the same bound as the
+/// Rust client's.
+const GRPC_MESSAGE_BYTES_MAX: usize = crate::client::GRPC_MESSAGE_BYTES_MAX;
 
 /// What `courier serve` runs.
 #[derive(Debug, Clone)]

@@ -327,8 +327,10 @@ impl Admin for AdminService {
                     MessageState::DeadLettered {
                         reason,
                         reason_text,
+                        attempts,
                     } => {
                         out.state = v1::MessageState::DeadLettered as i32;
+                        out.delivery_attempt = attempts;
                         out.dead_letter_reason = convert::reason(reason) as i32;
                         out.dead_letter_reason_text = reason_text;
                     }

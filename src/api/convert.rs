@@ -95,7 +95,7 @@ pub fn subscription(sub: &Subscription) -> v1::Subscription {
         name: def.name,
         topic: def.topic,
         ack_deadline_ms: def.ack_deadline_ms,
-        retry_policy: Some(v1::RetryPolicy {
+        retry_policy: (def.retry != RetryPolicy::default()).then_some(v1::RetryPolicy {
             min_backoff_ms: def.retry.min_backoff_ms,
             max_backoff_ms: def.retry.max_backoff_ms,
         }),

@@ -747,7 +747,7 @@ impl Broker {
         if message_id >= topic.log.next_offset().0 {
             return Err(BrokerError::NotFound {
                 kind: "message",
-                name: format!("{message_id} in topic {}", topic.name()),
+                name: message_id.to_string(),
             });
         }
         let publish_time_us = topic

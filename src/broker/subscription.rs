@@ -117,6 +117,7 @@ pub enum MessageState {
     DeadLettered {
         reason: DeadLetterReason,
         reason_text: String,
+        attempts: u32,
     },
 }
 
@@ -943,6 +944,7 @@ impl Subscription {
                 return Ok(MessageState::DeadLettered {
                     reason: dl.reason,
                     reason_text: dl.reason_text,
+                    attempts: dl.delivery_attempts,
                 });
             }
         }

@@ -208,8 +208,12 @@ impl File for SimFile {
         Ok(self.inode.data.lock().cached.len() as u64)
     }
     fn sync_data(&self) -> io::Result<()> {
-        let mut data = self.inode.data.lock();
-        data.durable = data.cached.clone();
+        {
+            let mut data = self.inode.data.lock();
+            data.durable = data.cached.clone();
+        }
+        // Lock order is always state, then inode (see power_loss, corrupt,
+        // open): never take the state lock while holding an inode's lock.
         self.fs.lock().syncs += 1;
         Ok(())
     }

@@ -1,0 +1,192 @@
+//! What every client command shares: the `--server` and `--json` flags
+//! ([`Conn`]), the open connection plus output sink ([`Session`]), and the
+//! one-line error messages for failed RPCs and unreachable brokers.
+
+use std::error::Error as StdError;
+use std::fmt::Display;
+
+use clap::Args;
+use tonic::{Code, Status};
+
+use super::output::Output;
+use crate::client::Client;
+
+/// Default broker URL of client commands.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+
+/// Flags of every client command.
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct Conn {
+    /// URL of the broker.
+    #[arg(
+        long,
+        global = true,
+        env = "COURIER_SERVER",
+        hide_env_values = true,
+        default_value = DEFAULT_SERVER,
+        value_name = "URL",
+        value_parser = server_url
+    )]
+    pub server: String,
+
+    /// Print one JSON object per line instead of human-readable text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Conn {
+    /// Connects to the broker and opens stdout.
+    pub async fn open(&self) -> anyhow::Result<Session> {
+        let client = Client::connect(&self.server).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach courier at {}: {}",
+                self.server,
+                error_chain(&e)
+            )
+        })?;
+        Ok(Session {
+            client,
+            out: Output::new(self.json),
+            server: self.server.clone(),
+        })
+    }
+}
+
+/// Checks a broker URL: `http://HOST:PORT`. Without a scheme, `http://` is
+/// assumed (`127.0.0.1:50051`).
+pub fn server_url(s: &str) -> Result<String, String> {
+    let url = if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    };
+    let uri: tonic::transport::Uri = url
+        .parse()
+        .map_err(|e| format!("{s:?} is not a URL ({e}); expected for example {DEFAULT_SERVER}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{s:?}: only http:// URLs are supported"));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!(
+            "{s:?} names no host; expected for example {DEFAULT_SERVER}"
+        ));
+    }
+    Ok(url)
+}
+
+/// A connected client command.
+pub struct Session {
+    pub client: Client,
+    pub out: Output,
+    server: String,
+}
+
+impl Session {
+    /// The error for a failed RPC: `{what}: {CODE}: {message}`, where `what`
+    /// names the operation and its object (`sub create "orders-x"`). A
+    /// transport failure reports the broker as unreachable instead.
+    pub fn fail(&self, what: impl Display, status: Status) -> anyhow::Error {
+        anyhow::anyhow!(rpc_error_line(&self.server, &what.to_string(), &status))
+    }
+}
+
+/// The text of [`Session::fail`].
+pub fn rpc_error_line(server: &str, what: &str, status: &Status) -> String {
+    // Statuses made by the client's transport (not sent by the broker) carry
+    // the underlying error as their source.
+    if let (Code::Unavailable, Some(source)) = (status.code(), status.source()) {
+        let cause = error_chain(source);
+        let message = status.message().trim();
+        return if message.is_empty() || cause.contains(message) {
+            format!("cannot reach courier at {server}: {cause}")
+        } else {
+            format!("cannot reach courier at {server}: {message}: {cause}")
+        };
+    }
+    let message = status.message().trim();
+    if message.is_empty() {
+        format!("{what}: {}", code_name(status.code()))
+    } else {
+        format!("{what}: {}: {message}", code_name(status.code()))
+    }
+}
+
+/// An error and its sources joined with `: `, skipping repeats.
+pub fn error_chain(error: &(dyn StdError + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && parts.last().is_none_or(|last| !last.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
+/// The canonical gRPC name of a status code (`NOT_FOUND`).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpc_errors_name_operation_code_and_message() {
+        let status = Status::not_found("topic \"orders\" not found");
+        assert_eq!(
+            rpc_error_line(DEFAULT_SERVER, "sub create \"orders-x\"", &status),
+            "sub create \"orders-x\": NOT_FOUND: topic \"orders\" not found"
+        );
+        let status = Status::new(Code::Internal, "");
+        assert_eq!(
+            rpc_error_line(DEFAULT_SERVER, "stats", &status),
+            "stats: INTERNAL"
+        );
+    }
+
+    #[test]
+    fn server_urls() {
+        assert_eq!(server_url("http://h:1").as_deref(), Ok("http://h:1"));
+        assert_eq!(
+            server_url("127.0.0.1:50051").as_deref(),
+            Ok("http://127.0.0.1:50051")
+        );
+        assert!(server_url("https://h:1").is_err());
+        assert!(server_url("not a url").is_err());
+        assert!(server_url("http://").is_err());
+    }
+
+    #[test]
+    fn transport_failures_say_the_broker_is_unreachable() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let mut status = Status::unavailable("tcp connect error");
+        status.set_source(std::sync::Arc::new(io));
+        let line = rpc_error_line(DEFAULT_SERVER, "stats", &status);
+        assert!(
+            line.starts_with("cannot reach courier at http://127.0.0.1:50051: "),
+            "{line}"
+        );
+    }
+}

@@ -1,0 +1,225 @@
+//! `courier status` (where one message stands in every subscription of its
+//! topic) and `courier stats` (broker-wide statistics), through the Admin
+//! service.
+
+use clap::Args;
+use serde_json::{Value, json};
+
+use super::conn::Conn;
+use super::output::{bytes_human, count, ms_human, reason_name, state_name, time_human, time_json};
+use crate::api::pb::v1::{
+    GetBrokerStatsRequest, GetMessageStatusRequest, MessageState, MessageStatus,
+    SubscriptionMessageStatus,
+};
+
+/// `courier status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// Topic of the message.
+    pub topic: String,
+    /// Id of the message.
+    pub message_id: String,
+}
+
+/// `courier stats`.
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+impl StatusArgs {
+    /// Runs the command.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let mut s = self.conn.open().await?;
+        let request = GetMessageStatusRequest {
+            topic: self.topic.clone(),
+            message_id: self.message_id.clone(),
+        };
+        let status = s
+            .client
+            .admin()
+            .get_message_status(request)
+            .await
+            .map_err(|e| {
+                s.fail(
+                    format_args!("status {:?} message {:?}", self.topic, self.message_id),
+                    e,
+                )
+            })?
+            .into_inner();
+        if s.out.json() {
+            s.out.json_line(&status_json(&self.topic, &status))?;
+        } else {
+            s.out.line(format_args!(
+                "message {} of topic {:?}, published {}",
+                status.message_id,
+                self.topic,
+                time_human(&status.publish_time)
+            ))?;
+            if status.subscriptions.is_empty() {
+                s.out.line("(no subscriptions)")?;
+            } else {
+                let rows: Vec<Vec<String>> = status
+                    .subscriptions
+                    .iter()
+                    .map(|sub| {
+                        vec![
+                            sub.subscription.clone(),
+                            state_human(sub.state),
+                            detail_human(sub),
+                        ]
+                    })
+                    .collect();
+                s.out.table(&["SUBSCRIPTION", "STATE", "DETAIL"], &rows)?;
+            }
+        }
+        s.out.flush()?;
+        Ok(())
+    }
+}
+
+/// A message status as one JSON object with a `subscriptions` array.
+pub fn status_json(topic: &str, status: &MessageStatus) -> Value {
+    let subs: Vec<Value> = status
+        .subscriptions
+        .iter()
+        .map(|sub| {
+            let dead = sub.state == MessageState::DeadLettered as i32;
+            json!({
+                "subscription": sub.subscription,
+                "state": state_name(sub.state),
+                "delivery_attempt": sub.delivery_attempt,
+                "lease_deadline": time_json(&sub.lease_deadline),
+                "dead_letter_reason": dead.then(|| reason_name(sub.dead_letter_reason)),
+                "dead_letter_reason_text": dead.then(|| sub.dead_letter_reason_text.clone()),
+            })
+        })
+        .collect();
+    json!({
+        "topic": topic,
+        "message_id": status.message_id,
+        "publish_time": time_json(&status.publish_time),
+        "subscriptions": subs,
+    })
+}
+
+fn state_human(state: i32) -> String {
+    state_name(state).replace('-', " ")
+}
+
+fn detail_human(sub: &SubscriptionMessageStatus) -> String {
+    let attempts = |n: u32| count(u64::from(n), "attempt");
+    match MessageState::try_from(sub.state) {
+        Ok(MessageState::InFlight) => format!(
+            "attempt {}, lease until {}",
+            sub.delivery_attempt,
+            time_human(&sub.lease_deadline)
+        ),
+        Ok(MessageState::DeadLettered) => {
+            let mut text = reason_name(sub.dead_letter_reason);
+            if !sub.dead_letter_reason_text.is_empty() {
+                text = format!("{text}: {}", sub.dead_letter_reason_text);
+            }
+            format!("{text} (after {})", attempts(sub.delivery_attempt))
+        }
+        Ok(MessageState::Pending) if sub.delivery_attempt > 0 => {
+            format!("redelivery after {}", attempts(sub.delivery_attempt))
+        }
+        Ok(MessageState::Acked) if sub.delivery_attempt > 0 => {
+            format!("after {}", attempts(sub.delivery_attempt))
+        }
+        _ => "-".into(),
+    }
+}
+
+impl StatsArgs {
+    /// Runs the command.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let mut s = self.conn.open().await?;
+        let st = s
+            .client
+            .admin()
+            .get_broker_stats(GetBrokerStatsRequest {})
+            .await
+            .map_err(|e| s.fail("stats", e))?
+            .into_inner();
+        if s.out.json() {
+            s.out.json_line(&json!({
+                "version": st.version,
+                "uptime_ms": st.uptime_ms,
+                "topics": st.topics,
+                "subscriptions": st.subscriptions,
+                "resident_memory_bytes": st.resident_memory_bytes,
+                "data_dir_bytes": st.data_dir_bytes,
+                "fsync_mode": st.fsync_mode,
+            }))?;
+        } else {
+            // Whole seconds read better than humantime's ms/us/ns tail.
+            let uptime = ms_human(st.uptime_ms / 1000 * 1000);
+            s.out.fields(&[
+                ("version", st.version.clone()),
+                ("uptime", uptime),
+                ("topics", st.topics.to_string()),
+                ("subscriptions", st.subscriptions.to_string()),
+                ("resident_memory", bytes_human(st.resident_memory_bytes)),
+                ("data_dir_size", bytes_human(st.data_dir_bytes)),
+                ("fsync", st.fsync_mode.clone()),
+            ])?;
+        }
+        s.out.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::pb::v1::DeadLetterReason;
+
+    #[test]
+    fn details_per_state() {
+        let sub = |state: MessageState, attempt: u32| SubscriptionMessageStatus {
+            subscription: "s".into(),
+            state: state as i32,
+            delivery_attempt: attempt,
+            lease_deadline: None,
+            dead_letter_reason: DeadLetterReason::Rejected as i32,
+            dead_letter_reason_text: "bad".into(),
+        };
+        assert_eq!(detail_human(&sub(MessageState::Pending, 0)), "-");
+        assert_eq!(detail_human(&sub(MessageState::NotSubscribed, 0)), "-");
+        assert_eq!(
+            detail_human(&sub(MessageState::InFlight, 2)),
+            "attempt 2, lease until -"
+        );
+        assert_eq!(
+            detail_human(&sub(MessageState::DeadLettered, 1)),
+            "rejected: bad (after 1 attempt)"
+        );
+        assert_eq!(
+            state_human(MessageState::NotSubscribed as i32),
+            "not subscribed"
+        );
+    }
+
+    #[test]
+    fn status_json_is_one_object() {
+        let status = MessageStatus {
+            message_id: "3".into(),
+            publish_time: None,
+            subscriptions: vec![SubscriptionMessageStatus {
+                subscription: "s".into(),
+                state: MessageState::Acked as i32,
+                delivery_attempt: 1,
+                ..SubscriptionMessageStatus::default()
+            }],
+        };
+        let v = status_json("t", &status);
+        assert_eq!(v["subscriptions"][0]["state"], "acked");
+        assert_eq!(v["subscriptions"][0]["dead_letter_reason"], Value::Null);
+        assert_eq!(v["topic"], "t");
+    }
+}
