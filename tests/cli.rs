@@ -1,0 +1,149 @@
+//! The `courier` binary against a real broker: the README walkthrough in
+//! JSON mode, and errors as one line with a non-zero exit.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+
+use common::TestServer;
+
+fn courier(server: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(args)
+        .env("COURIER_SERVER", server)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run courier")
+}
+
+fn ok(server: &str, args: &[&str]) -> String {
+    let out = courier(server, args);
+    assert!(
+        out.status.success(),
+        "courier {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json_lines(s: &str) -> Vec<serde_json::Value> {
+    s.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_walkthrough_works_from_the_command_line() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let url = url.as_str();
+    ok(url, &["topic", "create", "orders"]);
+    ok(
+        url,
+        &[
+            "sub",
+            "create",
+            "billing",
+            "--topic",
+            "orders",
+            "--max-delivery-attempts",
+            "3",
+            "--ack-deadline",
+            "5s",
+        ],
+    );
+    ok(url, &["sub", "create", "shipping", "--topic", "orders"]);
+    let ids = ok(
+        url,
+        &[
+            "publish", "orders", "--attr", "kind=new", "order 1", "--json",
+        ],
+    );
+    assert_eq!(json_lines(&ids)[0]["message_id"], "0");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["publish", "orders", "--lines"])
+        .env("COURIER_SERVER", url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"order 2\norder 3\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 2);
+
+    let pulled = json_lines(&ok(
+        url,
+        &[
+            "pull", "shipping", "--max", "10", "--wait", "2s", "--ack", "--json",
+        ],
+    ));
+    assert_eq!(pulled.len(), 3);
+    assert_eq!(pulled[0]["attributes"]["kind"], "new");
+    assert_eq!(pulled[0]["delivery_attempt"], 1);
+    let stats = json_lines(&ok(url, &["sub", "stats", "shipping", "--json"]));
+    assert_eq!(stats[0]["backlog_messages"], 0);
+
+    let pulled = json_lines(&ok(
+        url,
+        &["pull", "billing", "--max", "10", "--wait", "2s", "--json"],
+    ));
+    assert_eq!(pulled.len(), 3);
+    let ack_id = pulled[1]["ack_id"].as_str().unwrap().to_string();
+    ok(
+        url,
+        &[
+            "nack",
+            "billing",
+            &ack_id,
+            "--reject",
+            "--reason",
+            "bad payload",
+        ],
+    );
+    let dlq = json_lines(&ok(url, &["dlq", "list", "billing", "--json"]));
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0]["reason_text"], "bad payload");
+    let status = ok(url, &["status", "orders", "1", "--json"]);
+    assert!(status.contains("dead"), "{status}");
+    ok(url, &["dlq", "redrive", "billing"]);
+    assert!(json_lines(&ok(url, &["dlq", "list", "billing", "--json"])).is_empty());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_one_line_with_the_status_code_and_a_non_zero_exit() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let out = courier(&url, &["sub", "create", "x", "--topic", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("NOT_FOUND") && stderr.contains("nope"),
+        "{stderr}"
+    );
+
+    let out = courier(&url, &["topic", "create", "bad/name"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("INVALID_ARGUMENT")
+    );
+
+    // Nothing listening there.
+    let out = courier("http://127.0.0.1:1", &["topic", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("cannot reach")
+    );
+    server.stop().await;
+}
