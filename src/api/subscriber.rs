@@ -22,8 +22,10 @@ use crate::broker::config::{
     PULL_WAIT_MS_MAX, REASON_BYTES_MAX, STREAM_OUTSTANDING_BYTES_DEFAULT,
     STREAM_OUTSTANDING_MESSAGES_DEFAULT, STREAM_OUTSTANDING_MESSAGES_MAX,
 };
+use crate::broker::subscription::Leased;
 use crate::broker::subscription::PULL_CONSUMER;
 use crate::broker::{AckId, AckOutcome, Broker, ConsumerId, LeaseLimits, Subscription};
+use crate::storage::AppendTicket;
 
 /// Responses buffered per stream before the stream task waits for the
 /// client to read.
@@ -275,7 +277,23 @@ impl Subscriber for SubscriberService {
     }
 }
 
+/// Something for the stream's sender task to send, in order.
+enum Outgoing {
+    /// Deliveries, once their attempt numbers are durable.
+    Deliveries(Leased),
+    /// Ack results, once the acks are durable.
+    Results(Option<AppendTicket>, Vec<v1::AckResult>),
+}
+
+/// Outgoing items queued per stream before its loop waits.
+const STREAM_OUTGOING_CAPACITY: usize = 64;
+
 /// One StreamingPull stream's task.
+///
+/// The loop applies client requests and takes leases in memory; a sender
+/// task waits for each item's journal entry to be durable and then sends
+/// it, in order. So the loop leases the next batch while the journal
+/// syncs the last one, and nothing is sent before it is durable.
 struct StreamTask {
     broker: Broker,
     sub: Arc<Subscription>,
@@ -284,19 +302,61 @@ struct StreamTask {
     tx: mpsc::Sender<Result<v1::StreamingPullResponse, Status>>,
 }
 
+/// Sends queued items once durable; ends at the first failure.
+async fn send_in_order(
+    mut items: mpsc::Receiver<Outgoing>,
+    tx: mpsc::Sender<Result<v1::StreamingPullResponse, Status>>,
+) {
+    while let Some(item) = items.recv().await {
+        let response = match item {
+            Outgoing::Deliveries(leased) => match leased.durable().await {
+                Ok(deliveries) => v1::StreamingPullResponse {
+                    received_messages: deliveries.iter().map(convert::received).collect(),
+                    ack_results: Vec::new(),
+                },
+                Err(e) => {
+                    let _ = tx.send(Err(status::to_status(e))).await;
+                    return;
+                }
+            },
+            Outgoing::Results(ticket, ack_results) => {
+                if let Some(ticket) = ticket {
+                    if let Err(e) = ticket.wait().await {
+                        let _ = tx.send(Err(status::to_status(e.into()))).await;
+                        return;
+                    }
+                }
+                v1::StreamingPullResponse {
+                    received_messages: Vec::new(),
+                    ack_results,
+                }
+            }
+        };
+        if tx.send(Ok(response)).await.is_err() {
+            return; // the client went away
+        }
+    }
+}
+
 impl StreamTask {
     async fn run(
-        mut self,
+        self,
         first: v1::StreamingPullRequest,
         mut inbound: Streaming<v1::StreamingPullRequest>,
     ) {
         let name = self.sub.name();
-        let end = self.serve(first, &mut inbound).await;
+        let (out_tx, out_rx) = mpsc::channel(STREAM_OUTGOING_CAPACITY);
+        let sender = tokio::spawn(send_in_order(out_rx, self.tx.clone()));
+        let mut task = self;
+        let end = task.serve(first, &mut inbound, &out_tx).await;
+        // Let queued items go out before the final status.
+        drop(out_tx);
+        let _ = sender.await;
         if let Err(status) = end {
-            let _ = self.tx.send(Err(status)).await;
+            let _ = task.tx.send(Err(status)).await;
         }
-        self.sub.release_consumer(self.consumer).await;
-        tracing::debug!(subscription = %name, consumer = self.consumer, "stream ended");
+        task.sub.release_consumer(task.consumer).await;
+        tracing::debug!(subscription = %name, consumer = task.consumer, "stream ended");
     }
 
     /// Runs until the client half-closes or goes away (Ok) or an error
@@ -305,8 +365,9 @@ impl StreamTask {
         &mut self,
         first: v1::StreamingPullRequest,
         inbound: &mut Streaming<v1::StreamingPullRequest>,
+        out: &mpsc::Sender<Outgoing>,
     ) -> Result<(), Status> {
-        self.apply(first).await?;
+        self.apply(first, out).await?;
         let mut topic = self.sub.watch_topic();
         let sub = self.sub.clone();
         loop {
@@ -335,29 +396,25 @@ impl StreamTask {
                     allow_oversize: held.messages == 0,
                     deadline: self.settings.deadline,
                 };
-                let deliveries = self
+                let leased = self
                     .sub
-                    .lease(self.consumer, limits)
-                    .await
+                    .lease_now(self.consumer, limits)
                     .map_err(status::to_status)?;
-                if !deliveries.is_empty() {
+                if !leased.is_empty() {
                     sent = true;
-                    let response = v1::StreamingPullResponse {
-                        received_messages: deliveries.iter().map(convert::received).collect(),
-                        ack_results: Vec::new(),
-                    };
-                    if self.tx.send(Ok(response)).await.is_err() {
-                        return Ok(()); // the client went away
+                    if out.send(Outgoing::Deliveries(leased)).await.is_err() {
+                        return Ok(()); // the sender stopped: the client went away
                     }
                 }
             }
-            // Without credit, or after a delivery, poll the client first and
-            // re-check soon; otherwise wait for new work.
+            // After a delivery, poll the client and come straight back;
+            // otherwise wait for new work (or re-check credit soon, since
+            // lease expiry frees it).
             let recheck = if sent { Duration::ZERO } else { STREAM_RECHECK };
             tokio::select! {
                 biased;
                 msg = inbound.next() => match msg {
-                    Some(Ok(req)) => self.apply(req).await?,
+                    Some(Ok(req)) => self.apply(req, out).await?,
                     Some(Err(_)) | None => return Ok(()),
                 },
                 _ = self.tx.closed() => return Ok(()),
@@ -369,7 +426,11 @@ impl StreamTask {
     }
 
     /// Applies one client request: settings, acks, deadline changes, nacks.
-    async fn apply(&mut self, req: v1::StreamingPullRequest) -> Result<(), Status> {
+    async fn apply(
+        &mut self,
+        req: v1::StreamingPullRequest,
+        out: &mpsc::Sender<Outgoing>,
+    ) -> Result<(), Status> {
         if !req.subscription.is_empty() && req.subscription != self.sub.name() {
             return Err(status::invalid(
                 "subscription",
@@ -390,9 +451,11 @@ impl StreamTask {
             ));
         }
         let mut ack_results = Vec::new();
+        let mut ticket = None;
         if !req.ack_ids.is_empty() {
             let ids = check_ack_ids("ack_ids", &req.ack_ids)?;
-            let outcomes = self.sub.ack(&ids).await.map_err(status::to_status)?;
+            let (outcomes, t) = self.sub.ack_now(&ids).map_err(status::to_status)?;
+            ticket = t;
             ack_results.extend(results(&req.ack_ids, outcomes));
         }
         for m in &req.modify_deadlines {
@@ -415,14 +478,13 @@ impl StreamTask {
                 .map_err(status::to_status)?;
             ack_results.extend(results(std::slice::from_ref(&n.ack_id), outcomes));
         }
-        if !ack_results.is_empty() {
-            let response = v1::StreamingPullResponse {
-                received_messages: Vec::new(),
-                ack_results,
-            };
-            if self.tx.send(Ok(response)).await.is_err() {
-                return Err(Status::cancelled("client went away"));
-            }
+        if !ack_results.is_empty()
+            && out
+                .send(Outgoing::Results(ticket, ack_results))
+                .await
+                .is_err()
+        {
+            return Err(Status::cancelled("client went away"));
         }
         Ok(())
     }

@@ -26,7 +26,7 @@ use crate::broker::error::{BrokerError, Result};
 use crate::broker::topic::Topic;
 use crate::storage::meta::SubscriptionDef;
 use crate::storage::state::{StateEntry, StateJournal, SubscriptionState};
-use crate::storage::{Log, NewRecord, Offset, ReadLimits, Record, StorageError};
+use crate::storage::{AppendTicket, Log, NewRecord, Offset, ReadLimits, Record, StorageError};
 
 /// Identifies the consumer holding a lease: a StreamingPull stream, or
 /// [`PULL_CONSUMER`] for unary Pull.
@@ -75,6 +75,34 @@ pub enum AckOutcome {
     Unknown,
     /// A newer delivery of the message exists; the operation was ignored.
     Stale,
+}
+
+/// Leases taken by [`Subscription::lease_now`], waiting for their attempt
+/// numbers to be durable.
+#[derive(Debug)]
+#[must_use = "deliveries must be awaited with `durable` before they are sent"]
+pub struct Leased {
+    deliveries: Vec<Delivery>,
+    ticket: Option<AppendTicket>,
+}
+
+impl Leased {
+    /// True if nothing was leased.
+    pub fn is_empty(&self) -> bool {
+        self.deliveries.is_empty()
+    }
+
+    /// Waits until the attempt numbers are durable; then the deliveries may
+    /// be handed out.
+    ///
+    /// # Cancel safety
+    /// Dropping the future leaves the leases in place; they expire.
+    pub async fn durable(self) -> Result<Vec<Delivery>> {
+        if let Some(ticket) = self.ticket {
+            ticket.wait().await?;
+        }
+        Ok(self.deliveries)
+    }
 }
 
 /// Limits of one lease call.
@@ -324,6 +352,15 @@ impl Subscription {
     /// from the cursor. Each delivery's attempt number is durable before
     /// this returns.
     pub async fn lease(&self, consumer: ConsumerId, limits: LeaseLimits) -> Result<Vec<Delivery>> {
+        self.lease_now(consumer, limits)?.durable().await
+    }
+
+    /// The synchronous part of [`Subscription::lease`]: takes the leases in
+    /// memory and queues their attempt numbers in the journal. The
+    /// deliveries may be handed to a consumer only after
+    /// [`Leased::durable`]; meanwhile the caller may do other work (a
+    /// stream leases its next batch while the journal syncs).
+    pub fn lease_now(&self, consumer: ConsumerId, limits: LeaseLimits) -> Result<Leased> {
         if self.is_deleted() {
             return Err(BrokerError::NotFound {
                 kind: "subscription",
@@ -481,10 +518,7 @@ impl Subscription {
         if !lost.is_empty() {
             tracing::warn!(subscription = %self.name(), count = lost.len(), "messages lost to retention or corruption were skipped");
         }
-        if let Some(ticket) = ticket {
-            ticket.wait().await?;
-        }
-        Ok(deliveries)
+        Ok(Leased { deliveries, ticket })
     }
 
     fn read_one(&self, offset: u64) -> Result<Option<Record>, StorageError> {
@@ -504,6 +538,20 @@ impl Subscription {
 
     /// Acknowledges deliveries; durable when this returns.
     pub async fn ack(&self, ids: &[Option<AckId>]) -> Result<Vec<AckOutcome>> {
+        let (outcomes, ticket) = self.ack_now(ids)?;
+        if let Some(ticket) = ticket {
+            ticket.wait().await?;
+        }
+        Ok(outcomes)
+    }
+
+    /// The synchronous part of [`Subscription::ack`]: settles in memory and
+    /// queues the journal entry. Report the outcomes as durable only after
+    /// the ticket (if any) resolves.
+    pub fn ack_now(
+        &self,
+        ids: &[Option<AckId>],
+    ) -> Result<(Vec<AckOutcome>, Option<AppendTicket>)> {
         let (outcomes, ticket) = {
             let mut core = self.core.lock();
             let mut settle = Vec::new();
@@ -531,10 +579,7 @@ impl Subscription {
             };
             (outcomes, ticket)
         };
-        if let Some(ticket) = ticket {
-            ticket.wait().await?;
-        }
-        Ok(outcomes)
+        Ok((outcomes, ticket))
     }
 
     /// Whether `id` names the current delivery of an unsettled message.

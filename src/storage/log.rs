@@ -472,18 +472,20 @@ impl Log {
         for chunk in cache.iter().skip(start) {
             let mut pos = 0;
             while pos < chunk.data.len() {
-                let (rec, len) = record::decode(&chunk.data, pos)
-                    .expect("tail cache holds frames this log encoded");
-                pos += len;
-                if rec.offset < from {
+                let (len, offset) = record::peek_trusted(&chunk.data, pos);
+                if offset < from {
+                    pos += len;
                     continue;
                 }
-                if rec.offset >= visible
+                if offset >= visible
                     || out.records.len() >= limits.records_max
                     || (!out.records.is_empty() && bytes + len > limits.bytes_max)
                 {
                     return Some(out);
                 }
+                let (rec, _) = record::decode_trusted(&chunk.data, pos)
+                    .expect("tail cache holds frames this log encoded");
+                pos += len;
                 bytes += len;
                 out.next = Offset(rec.offset.0 + 1);
                 out.records.push(rec);
