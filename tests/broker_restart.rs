@@ -28,6 +28,10 @@ async fn graceful_restart_keeps_everything_where_it_was() {
     c.create_sub("other", "t").await;
     c.publish("t", &["acked", "leased", "pending", "rejected"])
         .await;
+    c.create_sub("late", "t").await;
+    c.publish("t", &["for late"]).await;
+    let late = c.pull_n("late", 1, Duration::from_secs(3)).await;
+    assert_eq!(text(&late[0]), "for late");
     let got = c.pull_n("s", 4, Duration::from_secs(3)).await;
     assert_eq!(got.len(), 4);
     for m in &got {
@@ -81,7 +85,7 @@ async fn graceful_restart_keeps_everything_where_it_was() {
     // Unacked messages come back with the next attempt numbers; the acked
     // one does not.
     let mut back: Vec<(String, u32)> = c
-        .pull_n("s", 3, Duration::from_secs(3))
+        .pull_n("s", 4, Duration::from_secs(3))
         .await
         .iter()
         .map(|m| (text(m), m.delivery_attempt))
@@ -89,11 +93,19 @@ async fn graceful_restart_keeps_everything_where_it_was() {
     back.sort();
     assert_eq!(
         back,
-        vec![("leased".to_string(), 2), ("pending".to_string(), 3)]
+        vec![
+            ("for late".to_string(), 1),
+            ("leased".to_string(), 2),
+            ("pending".to_string(), 3)
+        ]
     );
-    // The other subscription still has all four.
-    let other = c.pull_n("other", 4, Duration::from_secs(3)).await;
-    assert_eq!(other.len(), 4);
+    // The other subscription still has all five.
+    let other = c.pull_n("other", 5, Duration::from_secs(3)).await;
+    assert_eq!(other.len(), 5);
+    // "late" never sees messages from before it existed, after a restart
+    // too; its unacked message comes back.
+    let late = c.pull_n("late", 5, Duration::from_millis(800)).await;
+    assert_eq!(late.iter().map(text).collect::<Vec<_>>(), vec!["for late"]);
     assert!(
         c.ack("other", ack_ids(&other))
             .await
@@ -102,7 +114,7 @@ async fn graceful_restart_keeps_everything_where_it_was() {
     );
     // Publishing continues after the last offset.
     let ids = c.publish("t", &["next"]).await;
-    assert_eq!(ids, vec!["4".to_string()]);
+    assert_eq!(ids, vec!["5".to_string()]);
     server.stop().await;
 }
 

@@ -211,9 +211,12 @@ impl Broker {
                 broker.inner.meta.delete_subscription(&def.name)?;
                 continue;
             };
-            let state = states
-                .remove(&def.id)
-                .unwrap_or_else(|| SubscriptionState::starting_at(Offset(def.start_offset)));
+            // The journal only records changes; the starting position comes
+            // from the definition.
+            let mut state = states.remove(&def.id).unwrap_or_default();
+            state.apply(&StateEntry::Floor {
+                floor: def.start_offset,
+            });
             let sub = broker.attach_subscription(def, topic, state)?;
             let fixed = sub.reconcile_dead_letters().await?;
             if fixed > 0 {
