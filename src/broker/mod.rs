@@ -700,46 +700,64 @@ impl Broker {
     pub async fn redrive(&self, subscription: &str, filter: RedriveFilter) -> Result<u64> {
         self.check_running()?;
         let sub = self.subscription(subscription)?;
-        let (all, _) = sub.dead_letters(Offset(0), usize::MAX)?;
-        let chosen: Vec<DeadLetter> = all
-            .into_iter()
-            .filter(|dl| {
-                filter.message_ids.is_empty() || filter.message_ids.contains(&dl.message.message_id)
-            })
-            .filter(|dl| filter.reason.is_none_or(|r| r == dl.reason))
-            .collect();
-        if chosen.is_empty() {
-            return Ok(0);
-        }
         let target = sub.id();
-        for chunk in chosen.chunks(config::PUBLISH_BATCH_MESSAGES_MAX) {
-            let records: Vec<NewRecord> = chunk
+        let mut total = 0u64;
+        let mut from = Offset(0);
+        // Page through the queue so memory stays bounded however many
+        // dead letters there are; removal does not move later entries.
+        loop {
+            let (page, next) = sub.dead_letters(from, config::PUBLISH_BATCH_MESSAGES_MAX)?;
+            let chosen: Vec<&DeadLetter> = page
                 .iter()
-                .map(|dl| NewRecord {
-                    message_id: Some(dl.message.message_id),
-                    target: Some(target),
-                    attributes: dl.message.attributes.clone(),
-                    ordering_key: dl.message.ordering_key.clone(),
-                    payload: dl.message.payload.clone(),
+                .filter(|dl| {
+                    filter.message_ids.is_empty()
+                        || filter.message_ids.contains(&dl.message.message_id)
                 })
+                .filter(|dl| filter.reason.is_none_or(|r| r == dl.reason))
                 .collect();
-            sub.topic.log.append(&records).await?;
-            sub.remove_dead_letters(chunk.iter().map(|dl| dl.dlq_offset.0).collect())
-                .await?;
+            if !chosen.is_empty() {
+                let records: Vec<NewRecord> = chosen
+                    .iter()
+                    .map(|dl| NewRecord {
+                        message_id: Some(dl.message.message_id),
+                        target: Some(target),
+                        attributes: dl.message.attributes.clone(),
+                        ordering_key: dl.message.ordering_key.clone(),
+                        payload: dl.message.payload.clone(),
+                    })
+                    .collect();
+                sub.topic.log.append(&records).await?;
+                sub.remove_dead_letters(chosen.iter().map(|dl| dl.dlq_offset.0).collect())
+                    .await?;
+                total += chosen.len() as u64;
+            }
+            match next {
+                Some(n) => from = n,
+                None => break,
+            }
         }
-        tracing::info!(subscription, count = chosen.len(), "dead letters redriven");
-        Ok(chosen.len() as u64)
+        if total > 0 {
+            tracing::info!(subscription, count = total, "dead letters redriven");
+        }
+        Ok(total)
     }
 
     /// Removes every dead letter of a subscription.
     pub async fn purge_dead_letters(&self, subscription: &str) -> Result<u64> {
         self.check_running()?;
         let sub = self.subscription(subscription)?;
-        let (all, _) = sub.dead_letters(Offset(0), usize::MAX)?;
-        let n = all.len() as u64;
-        sub.remove_dead_letters(all.iter().map(|dl| dl.dlq_offset.0).collect())
-            .await?;
-        Ok(n)
+        let mut total = 0u64;
+        let mut from = Offset(0);
+        loop {
+            let (page, next) = sub.dead_letters(from, config::PUBLISH_BATCH_MESSAGES_MAX)?;
+            total += page.len() as u64;
+            sub.remove_dead_letters(page.iter().map(|dl| dl.dlq_offset.0).collect())
+                .await?;
+            match next {
+                Some(n) => from = n,
+                None => return Ok(total),
+            }
+        }
     }
 
     // ----- status -------------------------------------------------------

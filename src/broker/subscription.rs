@@ -31,6 +31,8 @@ use crate::storage::{AppendTicket, Log, NewRecord, Offset, ReadLimits, Record, S
 /// Identifies the consumer holding a lease: a StreamingPull stream, or
 /// [`PULL_CONSUMER`] for unary Pull.
 pub type ConsumerId = u64;
+/// Dead letters read per page when scanning the queue.
+const DEAD_LETTER_SCAN_PAGE: usize = 1_000;
 /// The consumer id of leases handed out by unary Pull.
 pub const PULL_CONSUMER: ConsumerId = 0;
 
@@ -984,13 +986,19 @@ impl Subscription {
                 });
             }
         }
-        for dl in self.dead_letters(Offset(0), usize::MAX)?.0 {
-            if dl.source_offset.0 == offset {
+        let mut from = Offset(0);
+        loop {
+            let (page, next) = self.dead_letters(from, DEAD_LETTER_SCAN_PAGE)?;
+            if let Some(dl) = page.into_iter().find(|dl| dl.source_offset.0 == offset) {
                 return Ok(MessageState::DeadLettered {
                     reason: dl.reason,
                     reason_text: dl.reason_text,
                     attempts: dl.delivery_attempts,
                 });
+            }
+            match next {
+                Some(n) => from = n,
+                None => break,
             }
         }
         Ok(MessageState::Acked)
@@ -1061,26 +1069,32 @@ impl Subscription {
     /// On open: settles every message that has a live dead letter but is
     /// not yet settled (a crash came between the two steps).
     pub(crate) async fn reconcile_dead_letters(&self) -> Result<u64> {
-        let (live, _) = self.dead_letters(Offset(0), usize::MAX)?;
-        let unsettled: Vec<u64> = {
-            let core = self.core.lock();
-            live.iter()
-                .map(|d| d.source_offset.0)
-                .filter(|o| !core.state.settled.contains(*o))
-                .collect()
-        };
-        if unsettled.is_empty() {
-            return Ok(0);
+        let mut fixed = 0;
+        let mut from = Offset(0);
+        loop {
+            let (page, next) = self.dead_letters(from, DEAD_LETTER_SCAN_PAGE)?;
+            let unsettled: Vec<u64> = {
+                let core = self.core.lock();
+                page.iter()
+                    .map(|d| d.source_offset.0)
+                    .filter(|o| !core.state.settled.contains(*o))
+                    .collect()
+            };
+            if !unsettled.is_empty() {
+                fixed += unsettled.len() as u64;
+                let ticket = {
+                    let mut core = self.core.lock();
+                    let ranges = core.settle(&unsettled);
+                    self.journal
+                        .enqueue(self.id(), &[StateEntry::Settled { ranges }])?
+                };
+                ticket.wait().await?;
+            }
+            match next {
+                Some(n) => from = n,
+                None => return Ok(fixed),
+            }
         }
-        let n = unsettled.len() as u64;
-        let ticket = {
-            let mut core = self.core.lock();
-            let ranges = core.settle(&unsettled);
-            self.journal
-                .enqueue(self.id(), &[StateEntry::Settled { ranges }])?
-        };
-        ticket.wait().await?;
-        Ok(n)
     }
 
     /// Dead-letter log offset below which every entry is removed.
