@@ -83,9 +83,10 @@ async fn replay_after_power_loss_rebuilds_every_completed_change() {
             )
             .await;
         }
+        let mut c = SubscriptionState::default();
         journal(
             &j,
-            &mut b,
+            &mut c,
             3,
             vec![StateEntry::Floor { floor: 5 }, StateEntry::Dropped],
         )

@@ -13,6 +13,7 @@
 //! Exit codes: 0 success, 1 failure (one `error: ...` line on stderr), 2
 //! usage error (clap's, or [`UsageError`]).
 
+pub mod bench;
 pub mod conn;
 pub mod dlq;
 pub mod output;
@@ -76,6 +77,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Show broker-wide statistics.
     Stats(status::StatsArgs),
+    /// Measure a broker: throughput, fan-out, latency, drain and backlog workloads.
+    Bench(bench::BenchArgs),
 }
 
 impl Command {
@@ -93,6 +96,7 @@ impl Command {
             Command::Dlq(args) => args.run().await,
             Command::Status(args) => args.run().await,
             Command::Stats(args) => args.run().await,
+            Command::Bench(args) => args.run().await,
         }
     }
 }

@@ -828,7 +828,14 @@ fn recover_segment(
         file.sync_data().map_err(io)?;
     }
     if let Some(next_base) = next_base {
-        if scan.next != next_base {
+        if scan.next > next_base {
+            report.findings.push(format!(
+                "{}: records up to offset {} overlap the next segment (starting at {}); the next segment's copies are used",
+                path.display(),
+                scan.next.0,
+                next_base.0
+            ));
+        } else if scan.next != next_base {
             report.findings.push(format!(
                 "{}: ends at offset {} but the next segment starts at {}; offsets in between are missing",
                 path.display(),
@@ -887,6 +894,9 @@ fn read_segment(
             .map(|e| Offset(seg.base.0 + u64::from(e.rel_offset)));
         (start_pos, st.len, st.next, st.unreadable, resume)
     };
+    // Offsets at or past the next segment's base belong to that segment,
+    // even if this one (damaged, or copied in by hand) claims them too.
+    let seg_next = next_base.map_or(seg_next, |nb| seg_next.min(nb));
     let seg_end_offset = next_base.unwrap_or(seg_next).max(seg_next);
     if let Some(why) = unreadable {
         return Err(StorageError::Corrupt {
