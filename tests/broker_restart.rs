@@ -162,3 +162,59 @@ async fn retention_frees_segments_once_every_subscription_acked_past_them() {
     assert_eq!(after.segments, 1, "{after:?}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn journal_compaction_under_traffic_keeps_every_subscription_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = test_config(tmp.path());
+    config.journal_compact_bytes = 8 * 1024;
+    let server = TestServer::start_with(config.clone()).await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub("a", "t").await;
+    c.create_sub("b", "t").await;
+    let payloads: Vec<String> = (0..600).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+    for chunk in refs.chunks(100) {
+        c.publish("t", chunk).await;
+    }
+    // "a" acks everything in small steps (many journal records); "b" acks
+    // the even ones only.
+    let mut acked_b = 0;
+    for _ in 0..60 {
+        let got = c.pull("a", 10, 200).await;
+        c.ack("a", ack_ids(&got)).await;
+        let got = c.pull("b", 10, 200).await;
+        let even: Vec<_> = got
+            .iter()
+            .filter(|m| text(m)[1..].parse::<u32>().unwrap() % 2 == 0)
+            .cloned()
+            .collect();
+        acked_b += even.len();
+        c.ack("b", ack_ids(&even)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(acked_b, 300);
+    // Let at least one compaction run.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.stop().await;
+    // Compaction deleted the journal's first segment.
+    let first_segment = tmp.path().join("state").join("00000000000000000000.seg");
+    assert!(
+        !first_segment.exists(),
+        "the state journal was never compacted"
+    );
+
+    let server = TestServer::start_with(config).await;
+    let mut c = server.clients().await;
+    assert_eq!(c.stats("a").await.backlog_messages, 0);
+    assert_eq!(c.stats("b").await.backlog_messages, 300);
+    let rest = c.pull_n("b", 300, Duration::from_secs(5)).await;
+    assert_eq!(rest.len(), 300);
+    assert!(
+        rest.iter()
+            .all(|m| text(m)[1..].parse::<u32>().unwrap() % 2 == 1)
+    );
+    assert!(rest.iter().all(|m| m.delivery_attempt == 2));
+    server.stop().await;
+}

@@ -867,24 +867,23 @@ impl Broker {
         Ok(())
     }
 
+    /// Compacts the state journal: every entry queued before `cut` belongs
+    /// to a subscription that existed when `cut` was taken, so once each of
+    /// those has a durable snapshot (queued after `cut`, hence covering all
+    /// its earlier entries), the segments wholly before `cut` can go.
     async fn compact_journal(&self) -> Result<()> {
         let before = self.inner.journal.disk_bytes();
         self.inner.journal.request_roll();
+        let cut = self.inner.journal.tail_offset();
         let subs: Vec<Arc<Subscription>> = self.inner.subs.read().values().cloned().collect();
-        let mut first = None;
         let mut tickets = Vec::with_capacity(subs.len());
         for sub in &subs {
             tickets.push(sub.snapshot()?);
         }
         for t in tickets {
-            let appended = t.wait().await?;
-            first = Some(first.map_or(appended.base_offset, |f: Offset| {
-                f.min(appended.base_offset)
-            }));
+            t.wait().await?;
         }
-        if let Some(first) = first {
-            self.inner.journal.truncate_before(first)?;
-        }
+        self.inner.journal.truncate_before(cut)?;
         tracing::info!(
             before,
             after = self.inner.journal.disk_bytes(),

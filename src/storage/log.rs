@@ -424,6 +424,12 @@ impl Log {
         Offset(self.shared.visible_next.load(Ordering::Acquire))
     }
 
+    /// Offset the next queued record will get (queued records may not be
+    /// written or visible yet).
+    pub fn pending_next_offset(&self) -> Offset {
+        self.shared.pending.lock().next_offset
+    }
+
     /// Oldest retained offset.
     pub fn first_offset(&self) -> Offset {
         self.shared.segments.read()[0].base

@@ -10,10 +10,10 @@
 //! journal's group commit: acking never waits for a sync of its own.
 //!
 //! Compaction: when the journal grows past a limit, the broker asks for a
-//! roll, enqueues one [`StateEntry::Snapshot`] per live subscription (an
-//! absolute statement of its state, which replay applies by replacement),
-//! and once those are durable deletes the segments before the first
-//! snapshot. A crash at any point leaves a journal whose replay is correct:
+//! roll, notes the journal's tail offset (the cut), enqueues one
+//! [`StateEntry::Snapshot`] per live subscription (an absolute statement of
+//! its state, which replay applies by replacement), and once those are
+//! durable deletes the segments wholly before the cut. A crash at any point leaves a journal whose replay is correct:
 //! older entries are only deleted after snapshots covering them are durable.
 
 use std::collections::{BTreeMap, HashMap};
@@ -465,6 +465,12 @@ impl StateJournal {
             payload: encode_entries(sub, entries),
             ..NewRecord::default()
         }])
+    }
+
+    /// Offset the next queued entry will get: everything queued so far is
+    /// below it.
+    pub fn tail_offset(&self) -> Offset {
+        self.log.pending_next_offset()
     }
 
     /// Bytes the journal holds on disk.
