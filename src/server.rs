@@ -8,7 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::api::pb::v1::admin_server::AdminServer;
 use crate::api::pb::v1::publisher_server::PublisherServer;
@@ -46,6 +46,10 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on {}", opts.listen))?;
     let addr = listener.local_addr()?;
+    // The builder's tcp_nodelay applies only to listeners tonic binds
+    // itself; without it, responses split into several writes wait for
+    // delayed ACKs (40 ms each).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -85,14 +89,13 @@ pub async fn run(
     };
     on_ready(addr);
     let served = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(publisher)
         .add_service(subscriber)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .serve_with_incoming_shutdown(incoming, stop)
         .await;
     broker.close();
     served.context("gRPC server failed")?;
