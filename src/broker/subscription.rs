@@ -473,16 +473,21 @@ impl Subscription {
                 }
             }
             let mut out = Vec::with_capacity(picked.len());
+            let mut first_deliveries = Vec::new();
             for record in picked {
                 let offset = record.offset.0;
                 let attempt = core.attempts(offset) + 1;
-                let entry = StateEntry::Delivered {
-                    offset,
-                    count: attempt,
-                    time_us: now_us,
-                };
-                core.state.apply(&entry);
-                entries.push(entry);
+                if attempt == 1 {
+                    first_deliveries.push(offset);
+                } else {
+                    let entry = StateEntry::Delivered {
+                        offset,
+                        count: attempt,
+                        time_us: now_us,
+                    };
+                    core.state.apply(&entry);
+                    entries.push(entry);
+                }
                 let deadline = now + limits.deadline;
                 let bytes = record.payload.len() as u64;
                 core.leases.insert(
@@ -503,6 +508,14 @@ impl Subscription {
                     attempt,
                     record,
                 });
+            }
+            if !first_deliveries.is_empty() {
+                let entry = StateEntry::FirstDelivered {
+                    ranges: ranges_of(first_deliveries),
+                    time_us: now_us,
+                };
+                core.state.apply(&entry);
+                entries.push(entry);
             }
             let mut settle_now = skipped;
             settle_now.extend(lost.iter().copied());

@@ -165,6 +165,14 @@ pub enum StateEntry {
         count: u32,
         time_us: u64,
     },
+    /// The messages at offsets `[start, end)` of each range were delivered
+    /// for the first time. One entry for a whole run of first deliveries
+    /// keeps the journal's bytes per message near zero however many
+    /// subscriptions a topic has.
+    FirstDelivered {
+        ranges: Vec<(u64, u64)>,
+        time_us: u64,
+    },
     /// Everything below `floor` is settled (purge, initial position).
     Floor { floor: u64 },
     /// Dead-letter log offsets `[start, end)` were removed.
@@ -214,6 +222,18 @@ impl SubscriptionState {
                     a.first_delivery_us = *time_us;
                 }
             }
+            StateEntry::FirstDelivered { ranges, time_us } => {
+                let first = Attempts {
+                    count: 1,
+                    first_delivery_us: *time_us,
+                    last_delivery_us: *time_us,
+                };
+                for &(s, e) in ranges {
+                    for offset in s..e {
+                        self.attempts.insert(offset, first);
+                    }
+                }
+            }
             StateEntry::Floor { floor } => {
                 self.settled.raise_floor(*floor);
                 let floor = self.settled.floor();
@@ -240,6 +260,7 @@ const TAG_DLQ_REMOVED: u8 = 4;
 const TAG_RESET: u8 = 5;
 const TAG_SNAPSHOT: u8 = 6;
 const TAG_DROPPED: u8 = 7;
+const TAG_FIRST_DELIVERED: u8 = 8;
 
 fn put_ranges(out: &mut BytesMut, ranges: impl ExactSizeIterator<Item = (u64, u64)>) {
     out.put_u32_le(u32::try_from(ranges.len()).expect("range count fits u32"));
@@ -268,6 +289,11 @@ pub fn encode_entries(sub: u64, entries: &[StateEntry]) -> Bytes {
                 out.put_u64_le(*offset);
                 out.put_u32_le(*count);
                 out.put_u64_le(*time_us);
+            }
+            StateEntry::FirstDelivered { ranges, time_us } => {
+                out.put_u8(TAG_FIRST_DELIVERED);
+                out.put_u64_le(*time_us);
+                put_ranges(&mut out, ranges.iter().copied());
             }
             StateEntry::Floor { floor } => {
                 out.put_u8(TAG_FLOOR);
@@ -346,6 +372,13 @@ pub fn decode_entries(mut buf: Bytes) -> Option<(u64, Vec<StateEntry>)> {
                 count: get_u32(&mut buf)?,
                 time_us: get_u64(&mut buf)?,
             },
+            TAG_FIRST_DELIVERED => {
+                let time_us = get_u64(&mut buf)?;
+                StateEntry::FirstDelivered {
+                    ranges: get_ranges(&mut buf)?,
+                    time_us,
+                }
+            }
             TAG_FLOOR => StateEntry::Floor {
                 floor: get_u64(&mut buf)?,
             },
@@ -536,6 +569,10 @@ mod tests {
                 offset: 3,
                 count: 2,
                 time_us: 99,
+            },
+            StateEntry::FirstDelivered {
+                ranges: vec![(3, 9)],
+                time_us: 5,
             },
             StateEntry::Floor { floor: 7 },
             StateEntry::DlqRemoved {
