@@ -216,7 +216,34 @@ async fn exhausted_attempts_dead_letter_once_with_full_metadata_and_redrive_retu
         .redriven;
     assert_eq!(n, 1);
     assert!(c.dead_letters("s").await.is_empty());
+    let state_on_s = |mut c: common::Clients, id: String| async move {
+        let status = c
+            .admin
+            .get_message_status(v1::GetMessageStatusRequest {
+                topic: "t".into(),
+                message_id: id,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let s = status
+            .subscriptions
+            .iter()
+            .find(|s| s.subscription == "s")
+            .unwrap()
+            .clone();
+        (s.state, s.delivery_attempt)
+    };
+    // "Where is my job?" follows the redriven copy.
+    assert_eq!(
+        state_on_s(c.clone(), ids[0].clone()).await,
+        (v1::MessageState::Pending as i32, 0)
+    );
     let back = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    assert_eq!(
+        state_on_s(c.clone(), ids[0].clone()).await,
+        (v1::MessageState::InFlight as i32, 1)
+    );
     assert_eq!(text(&back[0]), "poison");
     assert_eq!(back[0].delivery_attempt, 1);
     assert_eq!(back[0].message.as_ref().unwrap().message_id, ids[0]);

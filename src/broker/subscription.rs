@@ -980,29 +980,36 @@ impl Subscription {
         }
     }
 
-    /// Where the message at `offset` is for this subscription.
-    pub fn message_state(&self, offset: u64) -> Result<MessageState> {
-        if offset < self.def.read().start_offset {
+    /// In flight or pending, if the record at `offset` is unsettled.
+    fn unsettled_state(core: &Core, offset: u64) -> Option<MessageState> {
+        if let Some(lease) = core.leases.get(&offset) {
+            return Some(MessageState::InFlight {
+                attempt: lease.attempt,
+                deadline_us: instant_to_unix_us(lease.deadline),
+            });
+        }
+        (!core.state.settled.contains(offset)).then(|| MessageState::Pending {
+            attempts: core.attempts(offset),
+        })
+    }
+
+    /// Where message `message_id` (first published at that offset) is for
+    /// this subscription: the original record's state, else a dead letter,
+    /// else a redriven copy still waiting, else acked.
+    pub fn message_state(&self, message_id: u64) -> Result<MessageState> {
+        if message_id < self.def.read().start_offset {
             return Ok(MessageState::NotSubscribed);
         }
-        {
-            let core = self.core.lock();
-            if let Some(lease) = core.leases.get(&offset) {
-                return Ok(MessageState::InFlight {
-                    attempt: lease.attempt,
-                    deadline_us: instant_to_unix_us(lease.deadline),
-                });
-            }
-            if !core.state.settled.contains(offset) {
-                return Ok(MessageState::Pending {
-                    attempts: core.attempts(offset),
-                });
-            }
+        if let Some(state) = Self::unsettled_state(&self.core.lock(), message_id) {
+            return Ok(state);
         }
         let mut from = Offset(0);
         loop {
             let (page, next) = self.dead_letters(from, DEAD_LETTER_SCAN_PAGE)?;
-            if let Some(dl) = page.into_iter().find(|dl| dl.source_offset.0 == offset) {
+            if let Some(dl) = page
+                .into_iter()
+                .find(|dl| dl.message.message_id == message_id)
+            {
                 return Ok(MessageState::DeadLettered {
                     reason: dl.reason,
                     reason_text: dl.reason_text,
@@ -1013,6 +1020,43 @@ impl Subscription {
                 Some(n) => from = n,
                 None => break,
             }
+        }
+        // A redriven copy lives at a later offset, unsettled, within the
+        // unacked window above the floor (or just past it).
+        let (floor, my_id) = (self.ack_floor().0, self.id());
+        let end = self
+            .topic
+            .log
+            .next_offset()
+            .0
+            .min(floor.saturating_add(self.window_max));
+        let mut at = Offset(floor);
+        while at.0 < end {
+            let batch = match self.topic.log.read(
+                at,
+                ReadLimits {
+                    records_max: 1000,
+                    bytes_max: 4 << 20,
+                },
+            ) {
+                Ok(b) => b,
+                Err(StorageError::Corrupt { next_readable, .. }) => {
+                    at = next_readable;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if batch.records.is_empty() {
+                break;
+            }
+            for r in batch.records.iter().filter(|r| r.offset.0 < end) {
+                if r.target == Some(my_id) && r.message_id == message_id {
+                    if let Some(state) = Self::unsettled_state(&self.core.lock(), r.offset.0) {
+                        return Ok(state);
+                    }
+                }
+            }
+            at = batch.next;
         }
         Ok(MessageState::Acked)
     }
