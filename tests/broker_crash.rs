@@ -256,3 +256,36 @@ async fn kill_9_loses_no_acknowledged_publish_or_ack() {
         broker.child.wait().unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_cleanly_and_a_second_broker_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut broker = spawn_broker(tmp.path());
+    let mut c = Clients::connect(&broker.url).await;
+    c.create_topic("t").await;
+    c.create_sub("s", "t").await;
+    c.publish("t", &["kept"]).await;
+
+    // A second broker on the same data directory is refused, with one line.
+    let second = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("locked"), "{stderr}");
+
+    // SAFETY: kill(2) with a valid pid of our own child.
+    let rc = unsafe { libc::kill(broker.child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = broker.child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+
+    let mut broker = spawn_broker(tmp.path());
+    let mut c = Clients::connect(&broker.url).await;
+    let got = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    assert_eq!(text(&got[0]), "kept");
+    broker.child.kill().unwrap();
+    broker.child.wait().unwrap();
+}
