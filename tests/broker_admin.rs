@@ -76,6 +76,14 @@ async fn deleting_a_topic_removes_its_subscriptions_and_files_and_orphans_are_cl
     c.create_sub("s1", "gone").await;
     c.create_sub("s2", "keep").await;
     c.publish("gone", &["x"]).await;
+    c.publish("keep", &["y"]).await;
+    // Dead-letter one message on each subscription: their dead-letter logs
+    // (opened on first use) now exist on disk.
+    for (sub, n) in [("s1", "x"), ("s2", "y")] {
+        let got = c.pull_n(sub, 1, std::time::Duration::from_secs(3)).await;
+        assert_eq!(text(&got[0]), n);
+        c.nack(sub, ack_ids(&got), Some("test")).await;
+    }
     assert_eq!(entries(&tmp.path().join("topics")).len(), 2);
     assert_eq!(entries(&tmp.path().join("subscriptions")).len(), 2);
     c.admin

@@ -10,9 +10,74 @@
 //! last_delivery_us: u64 | source_offset: u64 | publish_time_us: u64 |
 //! reason_text_len: u16 | reason_text | topic_len: u16 | topic`.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use crate::storage::{Offset, Record};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use parking_lot::Mutex;
+
+use crate::storage::io::Fs;
+use crate::storage::{Log, LogConfig, Offset, Record, StorageError};
+
+/// A subscription's dead-letter log, opened on first use: most
+/// subscriptions never dead-letter anything, and an open log holds a file
+/// and a writer thread.
+#[derive(Debug)]
+pub struct DeadLetterLog {
+    dir: PathBuf,
+    fs: Arc<dyn Fs>,
+    config: LogConfig,
+    log: Mutex<Option<Log>>,
+}
+
+impl DeadLetterLog {
+    pub fn new(dir: PathBuf, fs: Arc<dyn Fs>, config: LogConfig) -> Self {
+        Self {
+            dir,
+            fs,
+            config,
+            log: Mutex::new(None),
+        }
+    }
+
+    /// The log if it exists on disk (opening it if needed), else `None`.
+    pub fn existing(&self) -> Result<Option<Log>, StorageError> {
+        let mut slot = self.log.lock();
+        if slot.is_none() && self.fs.exists(&self.dir) {
+            *slot = Some(self.open()?);
+        }
+        Ok(slot.clone())
+    }
+
+    /// The log, created if it does not exist yet.
+    pub fn get_or_create(&self) -> Result<Log, StorageError> {
+        let mut slot = self.log.lock();
+        if slot.is_none() {
+            *slot = Some(self.open()?);
+        }
+        Ok(slot.clone().expect("just opened"))
+    }
+
+    fn open(&self) -> Result<Log, StorageError> {
+        let (log, report) = Log::open(self.fs.clone(), &self.dir, self.config.clone(), Offset(0))?;
+        for finding in &report.findings {
+            tracing::warn!(dir = %self.dir.display(), %finding, "dead-letter log recovery");
+        }
+        Ok(log)
+    }
+
+    /// Offset after the last dead letter ever written (0 if none).
+    pub fn next_offset(&self) -> Offset {
+        self.log.lock().as_ref().map_or(Offset(0), Log::next_offset)
+    }
+
+    /// Closes the log if it is open.
+    pub fn close(&self) {
+        if let Some(log) = self.log.lock().take() {
+            log.close();
+        }
+    }
+}
 
 /// Why a message was dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -241,7 +241,7 @@ impl Broker {
             tail_cache_bytes_max: 0,
             ..LogConfig::default()
         };
-        let dlq = open_log(self.inner.fs.clone(), &dir, dlq_config, &def.name)?;
+        let dlq = dead_letter::DeadLetterLog::new(dir, self.inner.fs.clone(), dlq_config);
         let name = def.name.clone();
         let sub = Arc::new(Subscription::new(
             def,
@@ -858,7 +858,9 @@ impl Broker {
                 .unwrap_or_else(|| topic.log.next_offset());
             topic.log.truncate_before(floor)?;
             for sub in subs {
-                sub.dlq.truncate_before(sub.dlq_floor())?;
+                if let Some(dlq) = sub.dlq.existing()? {
+                    dlq.truncate_before(sub.dlq_floor())?;
+                }
             }
         }
         if self.inner.journal.disk_bytes() > self.inner.config.journal_compact_bytes {

@@ -21,12 +21,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
-use crate::broker::dead_letter::{self, DeadLetter, DeadLetterMeta, DeadLetterReason};
+use crate::broker::dead_letter::{
+    self, DeadLetter, DeadLetterLog, DeadLetterMeta, DeadLetterReason,
+};
 use crate::broker::error::{BrokerError, Result};
 use crate::broker::topic::Topic;
 use crate::storage::meta::SubscriptionDef;
 use crate::storage::state::{StateEntry, StateJournal, SubscriptionState};
-use crate::storage::{AppendTicket, Log, NewRecord, Offset, ReadLimits, Record, StorageError};
+use crate::storage::{AppendTicket, NewRecord, Offset, ReadLimits, Record, StorageError};
 
 /// Identifies the consumer holding a lease: a StreamingPull stream, or
 /// [`PULL_CONSUMER`] for unary Pull.
@@ -182,7 +184,7 @@ struct Core {
 pub struct Subscription {
     def: RwLock<SubscriptionDef>,
     pub(crate) topic: Arc<Topic>,
-    pub(crate) dlq: Log,
+    pub(crate) dlq: DeadLetterLog,
     journal: StateJournal,
     core: Mutex<Core>,
     /// Signalled when a redelivery becomes ready or the subscription is
@@ -263,7 +265,7 @@ impl Subscription {
     pub(crate) fn new(
         def: SubscriptionDef,
         topic: Arc<Topic>,
-        dlq: Log,
+        dlq: DeadLetterLog,
         journal: StateJournal,
         state: SubscriptionState,
         window_max: u64,
@@ -829,7 +831,10 @@ impl Subscription {
         let appended = if records.is_empty() {
             Ok(())
         } else {
-            self.dlq.append(&records).await.map(|_| ())
+            match self.dlq.get_or_create() {
+                Ok(log) => log.append(&records).await.map(|_| ()),
+                Err(e) => Err(e),
+            }
         };
         let ticket = {
             let mut core = self.core.lock();
@@ -1068,11 +1073,14 @@ impl Subscription {
         from: Offset,
         max: usize,
     ) -> Result<(Vec<DeadLetter>, Option<Offset>)> {
+        let Some(dlq) = self.dlq.existing()? else {
+            return Ok((Vec::new(), None));
+        };
         let removed = self.core.lock().state.dlq_removed.clone();
         let mut out = Vec::new();
         let mut from = from.max(Offset(removed.floor()));
         loop {
-            let batch = match self.dlq.read(
+            let batch = match dlq.read(
                 from,
                 ReadLimits {
                     records_max: 1000,
