@@ -724,7 +724,7 @@ impl Subscription {
     /// Releases every lease of `consumer` (its stream ended): each message
     /// is redelivered at once, or dead-lettered if out of attempts.
     pub async fn release_consumer(&self, consumer: ConsumerId) {
-        let def = self.def();
+        let attempts_max = self.attempts_max();
         let mut to_dead_letter = Vec::new();
         {
             let mut core = self.core.lock();
@@ -737,30 +737,26 @@ impl Subscription {
             let now = Instant::now();
             for offset in mine {
                 core.remove_lease(offset);
-                self.fail_attempt(&mut core, &def, offset, now, &mut to_dead_letter);
+                Self::fail_attempt(&mut core, attempts_max, offset, now, &mut to_dead_letter);
             }
             core.consumers.remove(&consumer);
         }
         self.wake.notify_waiters();
         if let Err(e) = self.dead_letter(to_dead_letter).await {
-            tracing::error!(subscription = %def.name, error = %e, "dead-lettering after stream end failed");
+            tracing::error!(subscription = %self.name(), error = %e, "dead-lettering after stream end failed");
         }
     }
 
+    /// A delivery failed (lease expired or released): redeliver at once,
+    /// or dead-letter if attempts reached `attempts_max`.
     fn fail_attempt(
-        &self,
         core: &mut Core,
-        def: &SubscriptionDef,
+        attempts_max: Option<u32>,
         offset: u64,
         now: Instant,
         to_dead_letter: &mut Vec<(u64, DeadLetterReason, String)>,
     ) {
-        let attempts = core.attempts(offset);
-        if def
-            .dead_letter
-            .as_ref()
-            .is_some_and(|p| attempts >= p.max_delivery_attempts)
-        {
+        if attempts_max.is_some_and(|max| core.attempts(offset) >= max) {
             core.dead_lettering.insert(offset);
             to_dead_letter.push((offset, DeadLetterReason::AttemptsExhausted, String::new()));
         } else {
@@ -768,10 +764,18 @@ impl Subscription {
         }
     }
 
+    fn attempts_max(&self) -> Option<u32> {
+        self.def
+            .read()
+            .dead_letter
+            .as_ref()
+            .map(|p| p.max_delivery_attempts)
+    }
+
     /// Expires due leases and wakes waiters if redeliveries are due.
     /// Called by the broker's ticker.
     pub async fn tick(&self) {
-        let def = self.def();
+        let attempts_max = self.attempts_max();
         let mut to_dead_letter = Vec::new();
         let wake = {
             let mut core = self.core.lock();
@@ -781,7 +785,7 @@ impl Subscription {
                     break;
                 }
                 core.remove_lease(offset);
-                self.fail_attempt(&mut core, &def, offset, now, &mut to_dead_letter);
+                Self::fail_attempt(&mut core, attempts_max, offset, now, &mut to_dead_letter);
             }
             core.ready.first().is_some_and(|(at, _)| *at <= now)
         };
@@ -789,7 +793,7 @@ impl Subscription {
             self.wake.notify_waiters();
         }
         if let Err(e) = self.dead_letter(to_dead_letter).await {
-            tracing::error!(subscription = %def.name, error = %e, "dead-lettering expired messages failed");
+            tracing::error!(subscription = %self.name(), error = %e, "dead-lettering expired messages failed");
         }
     }
 
