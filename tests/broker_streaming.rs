@@ -71,6 +71,15 @@ async fn two_streams_split_the_work_and_never_exceed_their_limits() {
                         Ok(_) => break,
                         Err(_) => continue,
                     };
+                // Count a message done once the broker confirms its ack, so
+                // no stream closes while its acks are still in flight.
+                let confirmed = resp
+                    .ack_results
+                    .iter()
+                    .filter(|r| r.status == v1::AckStatus::Ok as i32)
+                    .count();
+                got += confirmed;
+                done.fetch_add(confirmed, Ordering::SeqCst);
                 for m in &resp.received_messages {
                     outstanding.insert(m.ack_id.clone());
                     seen.lock().push(
@@ -82,8 +91,6 @@ async fn two_streams_split_the_work_and_never_exceed_their_limits() {
                     // Ack in small steps so both streams get a share.
                     tokio::time::sleep(Duration::from_millis(2)).await;
                     let ids: Vec<String> = outstanding.drain().collect();
-                    got += ids.len();
-                    done.fetch_add(ids.len(), Ordering::SeqCst);
                     tx.send(v1::StreamingPullRequest {
                         ack_ids: ids,
                         ..Default::default()
