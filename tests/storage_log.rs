@@ -328,3 +328,27 @@ async fn retention_by_bytes_and_age_deletes_old_sealed_segments_only() {
     let rest = read_all(&log);
     assert_eq!(rest.last().unwrap().0, 499);
 }
+
+#[tokio::test]
+async fn records_that_cannot_be_framed_are_refused_before_any_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = open(Arc::new(OsFs), tmp.path(), small_config());
+    assert!(matches!(
+        log.append(&[]).await,
+        Err(courier::storage::StorageError::EmptyBatch)
+    ));
+    let bad = NewRecord {
+        ordering_key: Bytes::from(vec![b'k'; 70_000]),
+        ..NewRecord::default()
+    };
+    assert!(matches!(
+        log.append(&[rec("fine"), bad]).await,
+        Err(courier::storage::StorageError::TooLarge { .. })
+    ));
+    // Nothing of the refused batch was written.
+    assert_eq!(log.next_offset(), Offset(0));
+    assert_eq!(
+        log.append(&[rec("next")]).await.unwrap().base_offset,
+        Offset(0)
+    );
+}

@@ -29,7 +29,7 @@ fn storage_status(err: StorageError) -> Status {
         | StorageError::Metadata(_) => Code::Internal,
         StorageError::Corrupt { .. } => Code::DataLoss,
         StorageError::Closed { .. } => Code::Unavailable,
-        StorageError::TooLarge { .. } => Code::InvalidArgument,
+        StorageError::TooLarge { .. } | StorageError::EmptyBatch => Code::InvalidArgument,
         StorageError::Locked { .. } => Code::FailedPrecondition,
         StorageError::NotFound { .. } => Code::NotFound,
         StorageError::AlreadyExists { .. } => Code::AlreadyExists,

@@ -48,6 +48,9 @@ pub enum StorageError {
         actual: u64,
         limit: u64,
     },
+    /// An append was given no records.
+    #[error("an append needs at least one record")]
+    EmptyBatch,
     /// The metadata store (sled) failed.
     #[error("metadata store error: {0}")]
     Metadata(String),

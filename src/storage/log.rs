@@ -361,11 +361,7 @@ impl Log {
         permit: Option<OwnedSemaphorePermit>,
     ) -> Result<AppendTicket> {
         if records.is_empty() {
-            return Err(StorageError::TooLarge {
-                what: "empty batch",
-                actual: 0,
-                limit: 0,
-            });
+            return Err(StorageError::EmptyBatch);
         }
         for r in records {
             if let Err(what) = record::check_encodable(r) {
