@@ -218,3 +218,54 @@ async fn journal_compaction_under_traffic_keeps_every_subscription_state() {
     assert!(rest.iter().all(|m| m.delivery_attempt == 2));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn size_retention_drops_old_messages_even_for_a_lagging_subscription() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.admin
+        .create_topic(v1::CreateTopicRequest {
+            name: "t".into(),
+            retention: Some(v1::RetentionPolicy {
+                max_age_ms: None,
+                max_bytes: Some(128 * 1024),
+            }),
+        })
+        .await
+        .unwrap();
+    c.create_sub("lagging", "t").await;
+    let payload = "x".repeat(1000);
+    for _ in 0..12 {
+        let batch: Vec<&str> = (0..50).map(|_| payload.as_str()).collect();
+        c.publish("t", &batch).await;
+    }
+    let mut first = 0;
+    for _ in 0..40 {
+        let t = c
+            .admin
+            .get_topic_stats(v1::GetTopicStatsRequest { name: "t".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        first = t.first_offset;
+        if first > 0 {
+            assert!(t.retained_bytes <= 192 * 1024, "{t:?}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(first > 0, "retention never ran");
+    // The subscription skips what is gone and gets the rest, in order.
+    let retained = usize::try_from(600 - first).unwrap();
+    let got = c.pull_n("lagging", retained, Duration::from_secs(5)).await;
+    let ids: Vec<u64> = got
+        .iter()
+        .map(|m| m.message.as_ref().unwrap().message_id.parse().unwrap())
+        .collect();
+    assert_eq!(ids.first().copied(), Some(first));
+    assert_eq!(ids.last().copied(), Some(599));
+    assert_eq!(ids.len() as u64, 600 - first);
+    c.ack("lagging", ack_ids(&got)).await;
+    assert_eq!(c.stats("lagging").await.backlog_messages, 0);
+    server.stop().await;
+}

@@ -375,7 +375,11 @@ impl Subscription {
         let mut picked: Vec<Record> = Vec::new();
         let mut entries = Vec::new();
         let mut skipped = Vec::new();
+        // Offsets gone to retention or corruption: single ones from the
+        // redelivery queue, and whole ranges past the cursor (never
+        // delivered, so nothing leased), kept as ranges however long.
         let mut lost = Vec::new();
+        let mut lost_ranges: Vec<(u64, u64)> = Vec::new();
         let (deliveries, ticket) = {
             let mut core = self.core.lock();
             let now = Instant::now();
@@ -433,9 +437,7 @@ impl Subscription {
                         detail,
                     }) => {
                         tracing::error!(subscription = %self.name(), path = %path.display(), %first, %next_readable, detail, "skipping corrupt records");
-                        for o in core.cursor.max(first.0)..next_readable.0 {
-                            lost.push(o);
-                        }
+                        lost_ranges.push((core.cursor.max(first.0), next_readable.0));
                         core.cursor = core.cursor.max(next_readable.0);
                         continue;
                     }
@@ -444,7 +446,7 @@ impl Subscription {
                 if batch.records.is_empty() {
                     // Records below the log's first offset are gone.
                     if batch.next.0 > core.cursor {
-                        lost.extend(core.cursor..batch.next.0);
+                        lost_ranges.push((core.cursor, batch.next.0));
                         core.cursor = batch.next.0;
                         continue;
                     }
@@ -453,7 +455,7 @@ impl Subscription {
                 for record in batch.records {
                     let offset = record.offset.0;
                     if offset > core.cursor {
-                        lost.extend(core.cursor..offset);
+                        lost_ranges.push((core.cursor, offset));
                     }
                     if core.state.settled.contains(offset) {
                         core.cursor = offset + 1;
@@ -525,6 +527,14 @@ impl Subscription {
                 let ranges = core.settle(&settle_now);
                 entries.push(StateEntry::Settled { ranges });
             }
+            lost_ranges.retain(|(start, end)| start < end);
+            if !lost_ranges.is_empty() {
+                let entry = StateEntry::Settled {
+                    ranges: lost_ranges.clone(),
+                };
+                core.state.apply(&entry);
+                entries.push(entry);
+            }
             let ticket = if entries.is_empty() {
                 None
             } else {
@@ -532,8 +542,9 @@ impl Subscription {
             };
             (out, ticket)
         };
-        if !lost.is_empty() {
-            tracing::warn!(subscription = %self.name(), count = lost.len(), "messages lost to retention or corruption were skipped");
+        let lost_count = lost.len() as u64 + lost_ranges.iter().map(|(s, e)| e - s).sum::<u64>();
+        if lost_count > 0 {
+            tracing::warn!(subscription = %self.name(), count = lost_count, "messages lost to retention or corruption were skipped");
         }
         Ok(Leased { deliveries, ticket })
     }
