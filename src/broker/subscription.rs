@@ -13,7 +13,9 @@
 //!   letter is appended and durable before the offset is settled, and on
 //!   open any dead letter whose offset is not settled is settled then.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -279,12 +281,12 @@ impl Subscription {
             core: Mutex::new(Core {
                 state,
                 cursor,
-                leases: HashMap::new(),
+                leases: HashMap::default(),
                 deadlines: BTreeSet::new(),
                 ready: BTreeSet::new(),
-                ready_at: HashMap::new(),
-                dead_lettering: HashSet::new(),
-                consumers: HashMap::new(),
+                ready_at: HashMap::default(),
+                dead_lettering: HashSet::default(),
+                consumers: HashMap::default(),
             }),
             wake: Notify::new(),
             deleted: AtomicBool::new(false),
