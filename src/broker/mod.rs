@@ -217,6 +217,10 @@ impl Broker {
             state.apply(&StateEntry::Floor {
                 floor: def.start_offset,
             });
+            // Deliveries are leased while their topic sync runs; a crash
+            // (power loss) can keep the journal entry and lose the record.
+            // Those offsets will name new messages: forget them.
+            state.truncate_at(topic.log.next_offset());
             let sub = broker.attach_subscription(def, topic, state)?;
             let fixed = sub.reconcile_dead_letters().await?;
             if fixed > 0 {

@@ -30,7 +30,7 @@ use crate::broker::error::{BrokerError, Result};
 use crate::broker::topic::Topic;
 use crate::storage::meta::SubscriptionDef;
 use crate::storage::state::{StateEntry, StateJournal, SubscriptionState};
-use crate::storage::{AppendTicket, NewRecord, Offset, ReadLimits, Record, StorageError};
+use crate::storage::{AppendTicket, Log, NewRecord, Offset, ReadLimits, Record, StorageError};
 
 /// Identifies the consumer holding a lease: a StreamingPull stream, or
 /// [`PULL_CONSUMER`] for unary Pull.
@@ -90,6 +90,10 @@ pub enum AckOutcome {
 pub struct Leased {
     deliveries: Vec<Delivery>,
     ticket: Option<AppendTicket>,
+    /// The topic log and the offset below which it must be durable before
+    /// the deliveries may go out.
+    topic: Log,
+    topic_until: Offset,
 }
 
 impl Leased {
@@ -107,6 +111,7 @@ impl Leased {
         if let Some(ticket) = self.ticket {
             ticket.wait().await?;
         }
+        self.topic.wait_visible(self.topic_until).await?;
         Ok(self.deliveries)
     }
 }
@@ -323,7 +328,7 @@ impl Subscription {
     /// A receiver of the topic's visible next offset: it changes when new
     /// records may be deliverable.
     pub fn watch_topic(&self) -> tokio::sync::watch::Receiver<Offset> {
-        self.topic.log.watch()
+        self.topic.log.watch_written()
     }
 
     /// Notified when a redelivery comes due, the subscription is deleted, or
@@ -383,6 +388,7 @@ impl Subscription {
         let mut lost = Vec::new();
         let mut lost_ranges: Vec<(u64, u64)> = Vec::new();
         let (deliveries, ticket) = {
+            let visible = self.topic.log.next_offset().0;
             let mut core = self.core.lock();
             let now = Instant::now();
             let now_us = now_us();
@@ -394,6 +400,11 @@ impl Subscription {
             // Redeliveries that are due.
             while let Some(&(at, offset)) = core.ready.first() {
                 if at > now || picked.len() >= limits.messages_max {
+                    break;
+                }
+                if offset >= visible {
+                    // Released before its record was durable (the stream
+                    // ended at once): it comes due again once it is.
                     break;
                 }
                 let record = match self.read_one(offset) {
@@ -424,7 +435,10 @@ impl Subscription {
                 }
                 let want = (limits.messages_max - picked.len())
                     .min(usize::try_from(window_left).unwrap_or(usize::MAX));
-                let batch = match self.topic.log.read(
+                // Records still being synced are leased too, so their
+                // attempt numbers are journaled while the topic's fdatasync
+                // runs; `Leased::durable` waits for both.
+                let batch = match self.topic.log.read_written(
                     Offset(core.cursor),
                     ReadLimits {
                         records_max: want,
@@ -464,6 +478,10 @@ impl Subscription {
                         continue;
                     }
                     if record.target.is_some_and(|t| t != my_id) {
+                        if offset >= visible {
+                            // Settle it only once it is durable.
+                            break 'fill;
+                        }
                         // A redrive meant for another subscription.
                         skipped.push(offset);
                         core.cursor = offset + 1;
@@ -548,7 +566,19 @@ impl Subscription {
         if lost_count > 0 {
             tracing::warn!(subscription = %self.name(), count = lost_count, "messages lost to retention or corruption were skipped");
         }
-        Ok(Leased { deliveries, ticket })
+        let topic_until = Offset(
+            deliveries
+                .iter()
+                .map(|d| d.ack_id.offset + 1)
+                .max()
+                .unwrap_or(0),
+        );
+        Ok(Leased {
+            deliveries,
+            ticket,
+            topic: self.topic.log.clone(),
+            topic_until,
+        })
     }
 
     fn read_one(&self, offset: u64) -> Result<Option<Record>, StorageError> {
@@ -582,6 +612,7 @@ impl Subscription {
         &self,
         ids: &[Option<AckId>],
     ) -> Result<(Vec<AckOutcome>, Option<AppendTicket>)> {
+        let visible = self.topic.log.next_offset().0;
         let (outcomes, ticket) = {
             let mut core = self.core.lock();
             let mut settle = Vec::new();
@@ -591,7 +622,7 @@ impl Subscription {
                     let Some(id) = id else {
                         return AckOutcome::Unknown;
                     };
-                    let outcome = Self::check_current(&core, *id);
+                    let outcome = Self::check_current(&core, visible, *id);
                     if outcome == AckOutcome::Ok {
                         settle.push(id.offset);
                     }
@@ -613,7 +644,11 @@ impl Subscription {
     }
 
     /// Whether `id` names the current delivery of an unsettled message.
-    fn check_current(core: &Core, id: AckId) -> AckOutcome {
+    fn check_current(core: &Core, visible: u64, id: AckId) -> AckOutcome {
+        // Nothing not yet durable can have reached a consumer.
+        if id.offset >= visible {
+            return AckOutcome::Unknown;
+        }
         if core.state.settled.contains(id.offset) || id.offset >= core.cursor {
             return AckOutcome::Unknown;
         }
@@ -640,6 +675,7 @@ impl Subscription {
         if deadline.is_zero() {
             return self.nack(ids, None).await;
         }
+        let visible = self.topic.log.next_offset().0;
         let mut core = self.core.lock();
         let now = Instant::now();
         Ok(ids
@@ -662,7 +698,7 @@ impl Subscription {
                         );
                         AckOutcome::Ok
                     }
-                    _ => match Self::check_current(&core, *id) {
+                    _ => match Self::check_current(&core, visible, *id) {
                         // Not leased any more: too late to extend.
                         AckOutcome::Ok => AckOutcome::Stale,
                         other => other,
@@ -683,6 +719,7 @@ impl Subscription {
         let def = self.def();
         let mut to_dead_letter = Vec::new();
         let outcomes = {
+            let visible = self.topic.log.next_offset().0;
             let mut core = self.core.lock();
             let now = Instant::now();
             ids.iter()
@@ -690,7 +727,7 @@ impl Subscription {
                     let Some(id) = id else {
                         return AckOutcome::Unknown;
                     };
-                    let outcome = Self::check_current(&core, *id);
+                    let outcome = Self::check_current(&core, visible, *id);
                     if outcome != AckOutcome::Ok {
                         return outcome;
                     }
@@ -820,8 +857,15 @@ impl Subscription {
         let mut records = Vec::with_capacity(items.len());
         let mut offsets = Vec::with_capacity(items.len());
         let mut forward = Vec::new();
+        let mut not_yet_durable = Vec::new();
         for (offset, reason, text) in items {
             let attempts = self.core.lock().state.attempts.get(&offset).copied();
+            if offset >= self.topic.log.next_offset().0 {
+                // A lease that expired before its record was durable:
+                // retry the delivery instead.
+                not_yet_durable.push(offset);
+                continue;
+            }
             let Ok(Some(message)) = self.read_one(offset) else {
                 tracing::warn!(subscription = %def.name, offset, "message to dead-letter is no longer retained");
                 offsets.push(offset);
@@ -844,6 +888,14 @@ impl Subscription {
             });
             forward.push(message);
             offsets.push(offset);
+        }
+        if !not_yet_durable.is_empty() {
+            let mut core = self.core.lock();
+            let now = Instant::now();
+            for o in not_yet_durable {
+                core.dead_lettering.remove(&o);
+                core.schedule(o, now);
+            }
         }
         let appended = if records.is_empty() {
             Ok(())

@@ -196,6 +196,9 @@ struct Shared {
     segments: RwLock<Vec<Arc<Segment>>>,
     visible_next: AtomicU64,
     visible_tx: watch::Sender<Offset>,
+    /// Offset after the last record written to the file (visible or not).
+    written_next: AtomicU64,
+    written_tx: watch::Sender<Offset>,
     cache: RwLock<VecDeque<CacheChunk>>,
     cache_bytes: AtomicU64,
     space: Arc<Semaphore>,
@@ -284,6 +287,7 @@ impl Log {
             .max()
             .unwrap_or(0);
         let (visible_tx, _) = watch::channel(next);
+        let (written_tx, _) = watch::channel(next);
         let pending_bytes = usize::try_from(config.pending_bytes_max)
             .unwrap_or(usize::MAX)
             .min(Semaphore::MAX_PERMITS);
@@ -299,6 +303,8 @@ impl Log {
             segments: RwLock::new(segments),
             visible_next: AtomicU64::new(next.0),
             visible_tx,
+            written_next: AtomicU64::new(next.0),
+            written_tx,
             cache: RwLock::new(VecDeque::new()),
             cache_bytes: AtomicU64::new(0),
             space: Arc::new(Semaphore::new(pending_bytes)),
@@ -445,7 +451,62 @@ impl Log {
     /// before a corrupt one are returned first, and the error names where
     /// reading may resume. `Io` for read failures.
     pub fn read(&self, from: Offset, limits: ReadLimits) -> Result<ReadBatch> {
-        let visible = self.next_offset();
+        self.read_until(from, self.next_offset(), limits)
+    }
+
+    /// Like [`Log::read`], but also returns records that are written and
+    /// not yet durable (under `always`, while their fdatasync runs). A
+    /// caller must not hand such a record to anyone before
+    /// [`Log::wait_visible`] says it is durable.
+    pub fn read_written(&self, from: Offset, limits: ReadLimits) -> Result<ReadBatch> {
+        let written = Offset(self.shared.written_next.load(Ordering::Acquire));
+        self.read_until(from, written, limits)
+    }
+
+    /// A receiver of the written next offset: it changes as soon as new
+    /// records are written, before they are durable.
+    pub fn watch_written(&self) -> watch::Receiver<Offset> {
+        self.shared.written_tx.subscribe()
+    }
+
+    /// Waits until every record below `next` is visible (durable under the
+    /// fsync mode).
+    ///
+    /// # Errors
+    /// `Failed` if the log failed (those records will never be durable),
+    /// `Closed` if it was closed first.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only waits.
+    pub async fn wait_visible(&self, next: Offset) -> Result<()> {
+        let mut rx = self.shared.visible_tx.subscribe();
+        loop {
+            if self.next_offset() >= next {
+                return Ok(());
+            }
+            {
+                let pending = self.shared.pending.lock();
+                if let Some(cause) = &pending.failed {
+                    return Err(StorageError::Failed {
+                        path: self.shared.dir.clone(),
+                        cause: cause.clone(),
+                    });
+                }
+                if pending.closed && pending.batches.is_empty() && self.next_offset() < next {
+                    return Err(StorageError::Closed {
+                        path: self.shared.dir.clone(),
+                    });
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(StorageError::Closed {
+                    path: self.shared.dir.clone(),
+                });
+            }
+        }
+    }
+
+    fn read_until(&self, from: Offset, visible: Offset, limits: ReadLimits) -> Result<ReadBatch> {
         let from = from.max(self.first_offset());
         if from >= visible {
             return Ok(ReadBatch {
@@ -694,6 +755,8 @@ impl Shared {
         if let Some(handle) = thread.lock().take() {
             let _ = handle.join();
         }
+        // Wake anyone still waiting for visibility after the last write.
+        self.visible_tx.send_modify(|_| {});
     }
 
     fn active(&self) -> Arc<Segment> {
@@ -720,12 +783,16 @@ impl Shared {
     }
 
     fn fail(&self, err: &StorageError) {
-        let mut pending = self.pending.lock();
-        pending.failed.get_or_insert_with(|| err.to_string());
-        for batch in pending.batches.drain(..) {
-            let _ = batch.done.send(Err(err.clone()));
+        {
+            let mut pending = self.pending.lock();
+            pending.failed.get_or_insert_with(|| err.to_string());
+            for batch in pending.batches.drain(..) {
+                let _ = batch.done.send(Err(err.clone()));
+            }
+            pending.buf.clear();
         }
-        pending.buf.clear();
+        // Wake everyone waiting for visibility: it will not come.
+        self.visible_tx.send_modify(|_| {});
     }
 }
 
@@ -1078,6 +1145,11 @@ fn writer_loop(shared: &Shared) {
             }
         }
         unsynced = true;
+        let last = batches.last().expect("non-empty").appended.last_offset;
+        let first = batches[0].appended.base_offset;
+        shared.push_cache(first, Offset(last.0 + 1), buf);
+        shared.written_next.store(last.0 + 1, Ordering::Release);
+        shared.written_tx.send_replace(Offset(last.0 + 1));
         if shared.config.fsync == FsyncMode::Always
             || interval.is_some_and(|every| last_sync.elapsed() >= every)
         {
@@ -1093,9 +1165,6 @@ fn writer_loop(shared: &Shared) {
             unsynced = false;
             last_sync = Instant::now();
         }
-        let last = batches.last().expect("non-empty").appended.last_offset;
-        let first = batches[0].appended.base_offset;
-        shared.push_cache(first, Offset(last.0 + 1), buf);
         shared.visible_next.store(last.0 + 1, Ordering::Release);
         shared.visible_tx.send_replace(Offset(last.0 + 1));
         for batch in batches {

@@ -126,6 +126,23 @@ impl RangeSet {
         }
     }
 
+    /// Removes every offset at or above `end` (and lowers the floor to it).
+    pub fn truncate_at(&mut self, end: u64) {
+        self.floor = self.floor.min(end);
+        let above: Vec<(u64, u64)> = self
+            .ranges
+            .range(..)
+            .filter(|(_, e)| **e > end)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (s, _) in above {
+            self.ranges.remove(&s);
+            if s < end {
+                self.ranges.insert(s, end);
+            }
+        }
+    }
+
     /// Offsets in the set at or above the floor.
     pub fn count_above_floor(&self) -> u64 {
         self.ranges.iter().map(|(s, e)| e - s).sum()
@@ -192,6 +209,14 @@ impl SubscriptionState {
             settled: RangeSet::with_floor(start.0),
             ..Self::default()
         }
+    }
+
+    /// Forgets everything about offsets at or above `end`: after a crash
+    /// that lost the unsynced tail of a topic log, those offsets will be
+    /// given to new messages, which must start with a clean slate.
+    pub fn truncate_at(&mut self, end: Offset) {
+        self.settled.truncate_at(end.0);
+        self.attempts.split_off(&end.0);
     }
 
     /// Applies one entry (used by replay and by the broker alike).
@@ -548,6 +573,19 @@ mod tests {
         s.insert(20, 30);
         s.raise_floor(25);
         assert_eq!(s.floor(), 30);
+    }
+
+    #[test]
+    fn truncating_forgets_offsets_past_the_end() {
+        let mut s = RangeSet::with_floor(10);
+        s.insert(12, 20);
+        s.insert(25, 30);
+        s.truncate_at(15);
+        assert_eq!(s.ranges().collect::<Vec<_>>(), vec![(12, 15)]);
+        assert!(!s.contains(16));
+        s.truncate_at(5);
+        assert_eq!(s.floor(), 5);
+        assert_eq!(s.range_count(), 0);
     }
 
     #[test]
