@@ -322,3 +322,26 @@ async fn state_about_a_lost_topic_tail_is_forgotten_so_new_messages_start_clean(
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_unacked_window_bounds_what_a_subscription_hands_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = test_config(tmp.path());
+    config.unacked_window_max = 5;
+    let server = TestServer::start_with(config).await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub("s", "t").await;
+    let payloads: Vec<String> = (0..12).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+    c.publish("t", &refs).await;
+    // Only five past the ack floor are handed out while the oldest is held.
+    let first = c.pull("s", 100, 500).await;
+    assert_eq!(first.len(), 5);
+    assert!(c.pull("s", 100, 300).await.is_empty());
+    // Settling the oldest opens the window by as much.
+    c.ack("s", ack_ids(&first[..2])).await;
+    let more = c.pull("s", 100, 500).await;
+    assert_eq!(more.iter().map(text).collect::<Vec<_>>(), vec!["m5", "m6"]);
+    server.stop().await;
+}

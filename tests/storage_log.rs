@@ -352,3 +352,25 @@ async fn records_that_cannot_be_framed_are_refused_before_any_write() {
         Offset(0)
     );
 }
+
+#[tokio::test]
+async fn a_failed_fsync_fails_the_append_and_every_later_one() {
+    let fs = SimFs::new();
+    let log = open(Arc::new(fs.clone()), Path::new("/d"), small_config());
+    log.append(&[rec("before")]).await.unwrap();
+    fs.set_fail_syncs(true);
+    assert!(matches!(
+        log.append(&[rec("lost")]).await,
+        Err(courier::storage::StorageError::Io { .. })
+    ));
+    // After a failed fsync the page cache cannot be trusted: even once the
+    // disk "recovers", the log refuses appends and readers never saw the
+    // unsynced record.
+    fs.set_fail_syncs(false);
+    assert!(matches!(
+        log.append(&[rec("after")]).await,
+        Err(courier::storage::StorageError::Failed { .. })
+    ));
+    assert_eq!(log.next_offset(), Offset(1));
+    assert_eq!(read_all(&log), vec![(0, "before".to_string())]);
+}

@@ -897,6 +897,9 @@ impl Subscription {
                 core.schedule(o, now);
             }
         }
+        if offsets.is_empty() {
+            return Ok(()); // everything went back to the redelivery queue
+        }
         let appended = if records.is_empty() {
             Ok(())
         } else {

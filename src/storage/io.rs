@@ -7,8 +7,10 @@
 //! [`SimFs`] is an in-memory model of a page cache over a disk: writes land
 //! in the cache, `sync_data` makes a file's contents durable, `sync_dir`
 //! makes a directory's entries (creations, renames, deletions) durable, and
-//! [`SimFs::power_loss`] throws away everything that was not. Tests use it to
-//! check that every promise of durability is backed by the right sync.
+//! [`SimFs::power_loss`] throws away everything that was not, and
+//! [`SimFs::set_fail_syncs`] makes syncs fail. Tests use it to check that
+//! every promise of durability is backed by the right sync, and what a
+//! failed sync does.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -166,6 +168,8 @@ struct SimState {
     next_inode: u64,
     /// Count of sync_data calls, for tests that check the write path.
     syncs: u64,
+    /// When set, every sync_data fails (a failpoint for error paths).
+    fail_syncs: bool,
 }
 
 #[derive(Debug, Default)]
@@ -210,6 +214,9 @@ impl File for SimFile {
         Ok(self.inode.data.lock().cached.len() as u64)
     }
     fn sync_data(&self) -> io::Result<()> {
+        if self.fs.lock().fail_syncs {
+            return Err(io::Error::other("injected sync failure"));
+        }
         {
             let mut data = self.inode.data.lock();
             data.durable = data.cached.clone();
@@ -247,6 +254,11 @@ impl SimFs {
             let mut data = inode.data.lock();
             data.cached = data.durable.clone();
         }
+    }
+
+    /// Makes every later `sync_data` fail (or succeed again).
+    pub fn set_fail_syncs(&self, fail: bool) {
+        self.inner.lock().fail_syncs = fail;
     }
 
     /// Number of `sync_data` calls so far.

@@ -1137,10 +1137,12 @@ fn writer_loop(shared: &Shared) {
             Ok(()) => {}
             Err(err) => {
                 tracing::error!(dir = %shared.dir.display(), error = %err, "log write failed; the log is now failed");
+                // Mark the log failed before anyone hears of the error, so
+                // an append made in reaction to it sees `Failed`.
+                shared.fail(&err);
                 for batch in batches {
                     let _ = batch.done.send(Err(err.clone()));
                 }
-                shared.fail(&err);
                 return;
             }
         }
@@ -1156,10 +1158,12 @@ fn writer_loop(shared: &Shared) {
             if let Err(e) = shared.active().file.sync_data() {
                 let err = StorageError::io(&shared.active().path, e);
                 tracing::error!(error = %err, "fdatasync failed; the log is now failed");
+                // Mark the log failed before anyone hears of the error, so
+                // an append made in reaction to it sees `Failed`.
+                shared.fail(&err);
                 for batch in batches {
                     let _ = batch.done.send(Err(err.clone()));
                 }
-                shared.fail(&err);
                 return;
             }
             unsynced = false;
