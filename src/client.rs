@@ -26,6 +26,15 @@ use crate::api::pb::v1::{
 /// with larger messages, plus response overhead.
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
+/// HTTP/2 flow-control window of each stream, advertised by the client
+/// and the server. The protocol's default of 64 KiB caps a stream at one
+/// window per round trip; a StreamingPull response of 1,000 256-byte
+/// messages is about 300 KiB.
+pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+
+/// HTTP/2 flow-control window of a whole connection, shared by its streams.
+pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+
 /// How long [`Client::connect`] waits for the TCP connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -50,6 +59,8 @@ impl Client {
         let channel = Endpoint::from_shared(url.to_string())?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
+            .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
             .connect()
             .await?;
         Ok(Client::from_channel(channel))

@@ -15,6 +15,7 @@ use crate::api::pb::v1::publisher_server::PublisherServer;
 use crate::api::pb::v1::subscriber_server::SubscriberServer;
 use crate::api::{AdminService, PublisherService, SubscriberService, pb};
 use crate::broker::{Broker, BrokerConfig};
+use crate::client::{HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES};
 
 /// Largest gRPC message the server accepts or sends; the same bound as the
 /// Rust client's.
@@ -89,6 +90,8 @@ pub async fn run(
     };
     on_ready(addr);
     let served = tonic::transport::Server::builder()
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -203,3 +203,88 @@ async fn a_deleted_subscription_ends_its_streams_with_not_found() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_stream_gets_its_window_in_two_halves() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub("s", "t").await;
+    let payloads: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+    c.publish("t", &refs).await;
+    let (_tx, mut stream) = open_stream(&mut c, "s", 10).await;
+    let mut sizes = Vec::new();
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let resp = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("the window was not filled")
+            .unwrap()
+            .unwrap();
+        if !resp.received_messages.is_empty() {
+            sizes.push(resp.received_messages.len());
+            got.extend(resp.received_messages.iter().map(common::text));
+        }
+    }
+    assert_eq!(
+        got, payloads,
+        "the whole window arrives without acks, in order"
+    );
+    assert!(
+        sizes.iter().all(|&n| n <= 5),
+        "a response carried more than half the window: {sizes:?}"
+    );
+}
+
+#[tokio::test]
+async fn responses_carry_at_most_4_mib_of_payload_but_always_one_message() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub("pull", "t").await;
+    c.create_sub("stream", "t").await;
+    // Three 3 MiB messages, then two small ones.
+    let big = "x".repeat(3 << 20);
+    let payloads = [big.as_str(), big.as_str(), big.as_str(), "a", "b"];
+    c.publish("t", &payloads).await;
+
+    let mut pulled = Vec::new();
+    while pulled.len() < payloads.len() {
+        let msgs = c.pull("pull", 100, 5_000).await;
+        assert!(!msgs.is_empty(), "pull returned nothing");
+        let bytes: usize = msgs
+            .iter()
+            .map(|m| m.message.as_ref().unwrap().data.len())
+            .sum();
+        assert!(
+            msgs.len() == 1 || bytes <= 4 << 20,
+            "pull response of {bytes} bytes"
+        );
+        pulled.extend(msgs.iter().map(|m| m.message.as_ref().unwrap().data.len()));
+        c.ack("pull", common::ack_ids(&msgs)).await;
+    }
+    assert_eq!(pulled, vec![3 << 20, 3 << 20, 3 << 20, 1, 1]);
+
+    let (_tx, mut stream) = open_stream(&mut c, "stream", 100).await;
+    let mut streamed = Vec::new();
+    while streamed.len() < payloads.len() {
+        let resp = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("nothing streamed")
+            .unwrap()
+            .unwrap();
+        let sizes: Vec<usize> = resp
+            .received_messages
+            .iter()
+            .map(|m| m.message.as_ref().unwrap().data.len())
+            .collect();
+        let bytes: usize = sizes.iter().sum();
+        assert!(
+            sizes.len() <= 1 || bytes <= 4 << 20,
+            "stream response of {sizes:?}"
+        );
+        streamed.extend(sizes);
+    }
+    assert_eq!(streamed, vec![3 << 20, 3 << 20, 3 << 20, 1, 1]);
+}

@@ -374,3 +374,83 @@ async fn a_failed_fsync_fails_the_append_and_every_later_one() {
     assert_eq!(log.next_offset(), Offset(1));
     assert_eq!(read_all(&log), vec![(0, "before".to_string())]);
 }
+
+fn deferring(defer_max: std::time::Duration) -> LogConfig {
+    LogConfig {
+        defer_max,
+        ..LogConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn a_deferred_batch_shares_the_next_ordinary_batchs_sync() {
+    let fs = SimFs::new();
+    let log = open(
+        Arc::new(fs.clone()),
+        Path::new("/d"),
+        deferring(std::time::Duration::from_secs(3600)),
+    );
+    log.append(&[rec("first")]).await.unwrap();
+    let before = fs.sync_count();
+    let deferred = log.enqueue_deferred(&[rec("ack")]).unwrap();
+    // Held back: an hour-long deferral outlasts this wait by far.
+    let mut deferred = std::pin::pin!(deferred.wait());
+    let held = tokio::time::timeout(std::time::Duration::from_millis(50), deferred.as_mut()).await;
+    assert!(held.is_err(), "a lone deferred batch was written at once");
+    assert_eq!(fs.sync_count(), before);
+    let ordinary = log.append(&[rec("delivery")]).await.unwrap();
+    let deferred = deferred.await.unwrap();
+    assert_eq!(deferred.base_offset, Offset(1));
+    assert_eq!(ordinary.base_offset, Offset(2));
+    assert_eq!(
+        fs.sync_count() - before,
+        1,
+        "the two batches took separate syncs"
+    );
+    assert_eq!(
+        read_all(&log),
+        vec![
+            (0, "first".into()),
+            (1, "ack".into()),
+            (2, "delivery".into())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_lone_deferred_batch_is_synced_after_at_most_defer_max() {
+    let fs = SimFs::new();
+    let log = open(
+        Arc::new(fs.clone()),
+        Path::new("/d"),
+        deferring(std::time::Duration::from_millis(20)),
+    );
+    let ticket = log.enqueue_deferred(&[rec("ack")]).unwrap();
+    let done = tokio::time::timeout(std::time::Duration::from_secs(30), ticket.wait())
+        .await
+        .expect("a deferred batch was never written")
+        .unwrap();
+    assert_eq!(done.base_offset, Offset(0));
+    // Complete means durable: it survives a power loss.
+    fs.power_loss();
+    drop(log);
+    let log = open(Arc::new(fs.clone()), Path::new("/d"), LogConfig::default());
+    assert_eq!(read_all(&log), vec![(0, "ack".into())]);
+}
+
+#[tokio::test]
+async fn close_writes_deferred_batches() {
+    let fs = SimFs::new();
+    let dir = Path::new("/d");
+    let log = open(
+        Arc::new(fs.clone()),
+        dir,
+        deferring(std::time::Duration::from_secs(3600)),
+    );
+    let ticket = log.enqueue_deferred(&[rec("ack")]).unwrap();
+    log.close();
+    assert_eq!(ticket.wait().await.unwrap().base_offset, Offset(0));
+    fs.power_loss();
+    let log = open(Arc::new(fs.clone()), dir, LogConfig::default());
+    assert_eq!(read_all(&log), vec![(0, "ack".into())]);
+}

@@ -6,10 +6,13 @@
 //! acks, nacks and deadline changes the client sends, and on any exit
 //! releases the stream's leases so their messages are redelivered at once.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -18,8 +21,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::api::pb::v1::{self, subscriber_server::Subscriber};
 use crate::api::{convert, status};
 use crate::broker::config::{
-    ACK_DEADLINE_MS_MAX, ACK_DEADLINE_MS_MIN, ACK_IDS_PER_REQUEST_MAX, PULL_MESSAGES_MAX,
-    PULL_WAIT_MS_MAX, REASON_BYTES_MAX, STREAM_OUTSTANDING_BYTES_DEFAULT,
+    ACK_DEADLINE_MS_MAX, ACK_DEADLINE_MS_MIN, ACK_IDS_PER_REQUEST_MAX, DELIVERY_RESPONSE_BYTES_MAX,
+    PULL_MESSAGES_MAX, PULL_WAIT_MS_MAX, REASON_BYTES_MAX, STREAM_OUTSTANDING_BYTES_DEFAULT,
     STREAM_OUTSTANDING_MESSAGES_DEFAULT, STREAM_OUTSTANDING_MESSAGES_MAX,
 };
 use crate::broker::subscription::Leased;
@@ -139,6 +142,14 @@ impl StreamSettings {
         }
         Ok(())
     }
+
+    /// Most messages one response carries: half the stream's window
+    /// (rounded up), so while the client works through one batch and acks
+    /// it, the next is already on its way. Handing out the whole window
+    /// at once makes the stream wait for each round trip in turn.
+    fn batch_messages_max(&self) -> usize {
+        usize::try_from(self.messages_max.div_ceil(2)).unwrap_or(usize::MAX)
+    }
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<v1::StreamingPullResponse, Status>> + Send>>;
@@ -174,6 +185,7 @@ impl Subscriber for SubscriberService {
                 messages_max: req.max_messages as usize,
                 bytes_max: u64::MAX,
                 allow_oversize: true,
+                batch_bytes_max: DELIVERY_RESPONSE_BYTES_MAX,
                 deadline: Duration::from_millis(sub.def().ack_deadline_ms),
             };
             let deliveries = sub
@@ -302,38 +314,96 @@ struct StreamTask {
     tx: mpsc::Sender<Result<v1::StreamingPullResponse, Status>>,
 }
 
-/// Sends queued items once durable; ends at the first failure.
+/// An outgoing item on its way to becoming a response.
+type Resolving = Pin<Box<dyn Future<Output = Result<v1::StreamingPullResponse, Status>> + Send>>;
+
+/// Waits for `item` to be durable and builds its response.
+fn resolve(item: Outgoing) -> Resolving {
+    Box::pin(async move {
+        match item {
+            Outgoing::Deliveries(leased) => {
+                let deliveries = leased.durable().await.map_err(status::to_status)?;
+                Ok(v1::StreamingPullResponse {
+                    received_messages: deliveries.iter().map(convert::received).collect(),
+                    ack_results: Vec::new(),
+                })
+            }
+            Outgoing::Results(ticket, ack_results) => {
+                if let Some(ticket) = ticket {
+                    ticket
+                        .wait()
+                        .await
+                        .map_err(|e| status::to_status(e.into()))?;
+                }
+                Ok(v1::StreamingPullResponse {
+                    received_messages: Vec::new(),
+                    ack_results,
+                })
+            }
+        }
+    })
+}
+
+/// Sends queued items once durable, in order; ends at the first failure.
+///
+/// Ack results queued next to a batch of deliveries and already durable
+/// (the same journal sync usually covers both) go out in the same
+/// response, so the client reads one message instead of several.
 async fn send_in_order(
     mut items: mpsc::Receiver<Outgoing>,
     tx: mpsc::Sender<Result<v1::StreamingPullResponse, Status>>,
 ) {
-    while let Some(item) = items.recv().await {
-        let response = match item {
-            Outgoing::Deliveries(leased) => match leased.durable().await {
-                Ok(deliveries) => v1::StreamingPullResponse {
-                    received_messages: deliveries.iter().map(convert::received).collect(),
-                    ack_results: Vec::new(),
-                },
-                Err(e) => {
-                    let _ = tx.send(Err(status::to_status(e))).await;
-                    return;
-                }
+    let mut next: Option<Resolving> = None;
+    loop {
+        let resolving = match next.take() {
+            Some(r) => r,
+            None => match items.recv().await {
+                Some(item) => resolve(item),
+                None => return,
             },
-            Outgoing::Results(ticket, ack_results) => {
-                if let Some(ticket) = ticket {
-                    if let Err(e) = ticket.wait().await {
-                        let _ = tx.send(Err(status::to_status(e.into()))).await;
-                        return;
-                    }
-                }
-                v1::StreamingPullResponse {
-                    received_messages: Vec::new(),
-                    ack_results,
-                }
+        };
+        let mut response = match resolving.await {
+            Ok(r) => r,
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                return;
             }
         };
+        let mut bytes = response.encoded_len() as u64;
+        let mut failed = None;
+        while let Ok(item) = items.try_recv() {
+            let mut resolving = resolve(item);
+            match std::future::poll_fn(|cx| Poll::Ready(resolving.as_mut().poll(cx))).await {
+                Poll::Ready(Ok(more)) => {
+                    let more_bytes = more.encoded_len() as u64;
+                    // One batch of deliveries per response, so the batches
+                    // the stream task sized for pipelining stay apart.
+                    let both_deliver = !response.received_messages.is_empty()
+                        && !more.received_messages.is_empty();
+                    if both_deliver || bytes + more_bytes > DELIVERY_RESPONSE_BYTES_MAX {
+                        next = Some(Box::pin(std::future::ready(Ok(more))));
+                        break;
+                    }
+                    bytes += more_bytes;
+                    response.received_messages.extend(more.received_messages);
+                    response.ack_results.extend(more.ack_results);
+                }
+                Poll::Ready(Err(status)) => {
+                    failed = Some(status);
+                    break;
+                }
+                Poll::Pending => {
+                    next = Some(resolving);
+                    break;
+                }
+            }
+        }
         if tx.send(Ok(response)).await.is_err() {
             return; // the client went away
+        }
+        if let Some(status) = failed {
+            let _ = tx.send(Err(status)).await;
+            return;
         }
     }
 }
@@ -391,9 +461,11 @@ impl StreamTask {
             if has_credit {
                 let limits = LeaseLimits {
                     messages_max: usize::try_from(self.settings.messages_max - held.messages)
-                        .unwrap_or(usize::MAX),
+                        .unwrap_or(usize::MAX)
+                        .min(self.settings.batch_messages_max()),
                     bytes_max: self.settings.bytes_max - held.bytes,
                     allow_oversize: held.messages == 0,
+                    batch_bytes_max: DELIVERY_RESPONSE_BYTES_MAX,
                     deadline: self.settings.deadline,
                 };
                 let leased = self
@@ -454,7 +526,7 @@ impl StreamTask {
         let mut ticket = None;
         if !req.ack_ids.is_empty() {
             let ids = check_ack_ids("ack_ids", &req.ack_ids)?;
-            let (outcomes, t) = self.sub.ack_now(&ids).map_err(status::to_status)?;
+            let (outcomes, t) = self.sub.ack_now_deferred(&ids).map_err(status::to_status)?;
             ticket = t;
             ack_results.extend(results(&req.ack_ids, outcomes));
         }

@@ -32,6 +32,10 @@ pub const PULL_MESSAGES_MAX: u32 = 1_000;
 pub const PULL_WAIT_MS_MAX: u64 = 60_000;
 /// Ack ids per request (acknowledge, modify deadline, nack, stream request).
 pub const ACK_IDS_PER_REQUEST_MAX: usize = 1_000;
+/// Stored bytes of the messages in one Pull or StreamingPull response; a
+/// single larger message still goes out alone. Keeps responses of
+/// ordinary messages within the 4 MiB that gRPC clients accept by default.
+pub const DELIVERY_RESPONSE_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// Flow-control defaults and ceiling of a StreamingPull stream.
 pub const STREAM_OUTSTANDING_MESSAGES_DEFAULT: u64 = 1_000;
 pub const STREAM_OUTSTANDING_MESSAGES_MAX: u64 = 100_000;
@@ -61,6 +65,11 @@ pub struct BrokerConfig {
     pub unacked_window_max: u64,
     /// The state journal is compacted when it grows past this.
     pub journal_compact_bytes: u64,
+    /// Longest a StreamingPull ack's journal entry waits to share the next
+    /// delivery's write and sync before it is synced by itself. Delays that
+    /// stream's ack results (sent once the acks are durable) by at most
+    /// this much; durability is unchanged.
+    pub journal_defer_ms: u64,
     pub topics_max: usize,
     pub subscriptions_max: usize,
     /// How often leases are checked for expiry and redeliveries for
@@ -79,6 +88,7 @@ impl BrokerConfig {
             tail_cache_bytes_max: 8 * 1024 * 1024,
             unacked_window_max: 100_000,
             journal_compact_bytes: 64 * 1024 * 1024,
+            journal_defer_ms: 5,
             topics_max: 10_000,
             subscriptions_max: 10_000,
             tick_ms: 10,

@@ -157,8 +157,12 @@ impl Broker {
             tail_cache_bytes_max: config.tail_cache_bytes_max,
             ..LogConfig::default()
         };
+        let journal_config = LogConfig {
+            defer_max: Duration::from_millis(config.journal_defer_ms),
+            ..log_config.clone()
+        };
         let (journal, mut states) =
-            StateJournal::open(fs.clone(), &dir.join(DIR_STATE), log_config.clone())?;
+            StateJournal::open(fs.clone(), &dir.join(DIR_STATE), journal_config)?;
         let topics: Arc<TopicMap> = Arc::new(RwLock::new(HashMap::new()));
         let topic_defs = meta.topics()?;
         let sub_defs = meta.subscriptions()?;

@@ -123,6 +123,10 @@ pub struct LeaseLimits {
     /// Payload bytes; one message is always allowed when `allow_oversize`.
     pub bytes_max: u64,
     pub allow_oversize: bool,
+    /// Stored size ([`Record::frame_len`]) of this one batch (one
+    /// response), past the first message; unlike `bytes_max` it never
+    /// holds back a lone message.
+    pub batch_bytes_max: u64,
     pub deadline: Duration,
 }
 
@@ -393,9 +397,12 @@ impl Subscription {
             let now = Instant::now();
             let now_us = now_us();
             let mut bytes = 0u64;
-            let fits = |n: usize, bytes: u64, size: u64| {
+            let mut batch_bytes = 0u64;
+            let fits = |n: usize, bytes: u64, batch_bytes: u64, r: &Record| {
+                let size = r.payload.len() as u64;
                 n < limits.messages_max
                     && (bytes + size <= limits.bytes_max || (n == 0 && limits.allow_oversize))
+                    && (n == 0 || batch_bytes + r.frame_len() as u64 <= limits.batch_bytes_max)
             };
             // Redeliveries that are due.
             while let Some(&(at, offset)) = core.ready.first() {
@@ -417,13 +424,13 @@ impl Subscription {
                         continue;
                     }
                 };
-                let size = record.payload.len() as u64;
-                if !fits(picked.len(), bytes, size) {
+                if !fits(picked.len(), bytes, batch_bytes, &record) {
                     break;
                 }
                 core.ready.remove(&(at, offset));
                 core.ready_at.remove(&offset);
-                bytes += size;
+                bytes += record.payload.len() as u64;
+                batch_bytes += record.frame_len() as u64;
                 picked.push(record);
             }
             // New messages from the cursor, within the unacked window.
@@ -487,11 +494,11 @@ impl Subscription {
                         core.cursor = offset + 1;
                         continue;
                     }
-                    let size = record.payload.len() as u64;
-                    if !fits(picked.len(), bytes, size) {
+                    if !fits(picked.len(), bytes, batch_bytes, &record) {
                         break 'fill;
                     }
-                    bytes += size;
+                    bytes += record.payload.len() as u64;
+                    batch_bytes += record.frame_len() as u64;
                     core.cursor = offset + 1;
                     picked.push(record);
                 }
@@ -612,6 +619,25 @@ impl Subscription {
         &self,
         ids: &[Option<AckId>],
     ) -> Result<(Vec<AckOutcome>, Option<AppendTicket>)> {
+        self.settle_acks(ids, false)
+    }
+
+    /// Like [`Subscription::ack_now`], for acks whose results nobody waits
+    /// on (a StreamingPull's): the journal entry may wait up to
+    /// `BrokerConfig::journal_defer_ms` to share the next delivery's sync
+    /// instead of costing a sync of its own.
+    pub fn ack_now_deferred(
+        &self,
+        ids: &[Option<AckId>],
+    ) -> Result<(Vec<AckOutcome>, Option<AppendTicket>)> {
+        self.settle_acks(ids, true)
+    }
+
+    fn settle_acks(
+        &self,
+        ids: &[Option<AckId>],
+        deferred: bool,
+    ) -> Result<(Vec<AckOutcome>, Option<AppendTicket>)> {
         let visible = self.topic.log.next_offset().0;
         let (outcomes, ticket) = {
             let mut core = self.core.lock();
@@ -632,11 +658,14 @@ impl Subscription {
             let ticket = if settle.is_empty() {
                 None
             } else {
-                let ranges = core.settle(&settle);
-                Some(
-                    self.journal
-                        .enqueue(self.id(), &[StateEntry::Settled { ranges }])?,
-                )
+                let entry = [StateEntry::Settled {
+                    ranges: core.settle(&settle),
+                }];
+                Some(if deferred {
+                    self.journal.enqueue_deferred(self.id(), &entry)?
+                } else {
+                    self.journal.enqueue(self.id(), &entry)?
+                })
             };
             (outcomes, ticket)
         };

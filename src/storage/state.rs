@@ -525,6 +525,16 @@ impl StateJournal {
         }])
     }
 
+    /// Like [`StateJournal::enqueue`], but the entries may wait a little
+    /// to share the next ordinary entry's write and sync
+    /// ([`Log::enqueue_deferred`]).
+    pub fn enqueue_deferred(&self, sub: u64, entries: &[StateEntry]) -> Result<AppendTicket> {
+        self.log.enqueue_deferred(&[NewRecord {
+            payload: encode_entries(sub, entries),
+            ..NewRecord::default()
+        }])
+    }
+
     /// Offset the next queued entry will get: everything queued so far is
     /// below it.
     pub fn tail_offset(&self) -> Offset {
