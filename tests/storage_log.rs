@@ -454,3 +454,49 @@ async fn close_writes_deferred_batches() {
     let log = open(Arc::new(fs.clone()), dir, LogConfig::default());
     assert_eq!(read_all(&log), vec![(0, "ack".into())]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_never_appenders_writing_inline_keep_offset_order_across_rolls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        fsync: FsyncMode::Never,
+        ..small_config()
+    };
+    let log = open(Arc::new(OsFs), tmp.path(), config.clone());
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            for i in 0..40 {
+                let batch: Vec<NewRecord> = (0..3).map(|j| rec(&format!("t{t}-{i}-{j}"))).collect();
+                let appended = log.append(&batch).await.unwrap();
+                for (j, r) in batch.iter().enumerate() {
+                    mine.push((appended.base_offset.0 + j as u64, r.payload.clone()));
+                }
+            }
+            mine
+        }));
+    }
+    let mut expected = Vec::new();
+    for t in tasks {
+        expected.extend(t.await.unwrap());
+    }
+    expected.sort();
+    let expected: Vec<(u64, String)> = expected
+        .into_iter()
+        .map(|(o, p)| (o, String::from_utf8(p.to_vec()).unwrap()))
+        .collect();
+    assert_eq!(expected.len(), 16 * 40 * 3);
+    assert!(
+        expected
+            .iter()
+            .enumerate()
+            .all(|(i, (o, _))| *o == i as u64)
+    );
+    assert_eq!(read_all(&log), expected);
+    assert!(log.stats().segments > 10, "the test must cross rolls");
+    log.close();
+    let log = open(Arc::new(OsFs), tmp.path(), config);
+    assert_eq!(read_all(&log), expected, "reopen sees the same records");
+}

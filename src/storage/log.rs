@@ -211,6 +211,11 @@ struct Shared {
     cache: RwLock<VecDeque<CacheChunk>>,
     cache_bytes: AtomicU64,
     space: Arc<Semaphore>,
+    /// Held while taking pending batches and writing them, so batches reach
+    /// the file in offset order whoever writes them: the writer thread, or
+    /// under `never` an appender that finds the log idle
+    /// ([`Log::write_inline`]).
+    write_lock: Mutex<()>,
 }
 
 /// An append-only segmented log. Cloning is cheap and shares the log.
@@ -317,6 +322,7 @@ impl Log {
             cache: RwLock::new(VecDeque::new()),
             cache_bytes: AtomicU64::new(0),
             space: Arc::new(Semaphore::new(pending_bytes)),
+            write_lock: Mutex::new(()),
             config,
         });
         let thread_shared = shared.clone();
@@ -441,13 +447,50 @@ impl Log {
             !std::mem::replace(&mut pending.urgent, true)
         };
         drop(pending);
-        if wake {
+        if wake && (deferred || !self.write_inline()) {
             self.shared.wake.notify_one();
         }
         Ok(AppendTicket {
             rx,
             path: self.shared.dir.clone(),
         })
+    }
+
+    /// Under `never`, where completing an append takes no fdatasync, writes
+    /// the pending batches on the caller's thread if no one else is
+    /// writing: this saves two thread hand-offs (to the writer and back)
+    /// per append, most of an append's latency on an idle log. Returns
+    /// false, leaving the work to the writer thread, under other modes,
+    /// when the log is busy, closed or failed, or when a roll is due
+    /// (rolling syncs; that stays on the writer thread).
+    fn write_inline(&self) -> bool {
+        let shared = &*self.shared;
+        if shared.config.fsync != FsyncMode::Never {
+            return false;
+        }
+        let Some(_writing) = shared.write_lock.try_lock() else {
+            return false;
+        };
+        let (buf, batches) = {
+            let mut pending = shared.pending.lock();
+            if pending.closed || pending.failed.is_some() || pending.roll_requested {
+                return false;
+            }
+            let active_len = shared.active().state.read().len;
+            if active_len + pending.buf.len() as u64 > shared.config.segment_bytes_max {
+                return false;
+            }
+            pending.urgent = false;
+            pending.deferred_since = None;
+            (
+                std::mem::take(&mut pending.buf).freeze(),
+                std::mem::take(&mut pending.batches),
+            )
+        };
+        if !batches.is_empty() {
+            complete_write(shared, buf, batches, false, false);
+        }
+        true
     }
 
     /// Offset after the last record readers may see.
@@ -1115,7 +1158,7 @@ fn writer_loop(shared: &Shared) {
     let mut unsynced = false;
     let mut last_sync = Instant::now();
     loop {
-        let (buf, batches, roll) = {
+        {
             let mut pending = shared.pending.lock();
             loop {
                 if pending.urgent || pending.closed || pending.failed.is_some() {
@@ -1143,6 +1186,7 @@ fn writer_loop(shared: &Shared) {
             }
             if pending.batches.is_empty() && pending.closed {
                 drop(pending);
+                let _writing = shared.write_lock.lock();
                 if unsynced || shared.config.fsync == FsyncMode::Never {
                     let active = shared.active();
                     if let Err(e) = active.file.sync_data() {
@@ -1151,67 +1195,95 @@ fn writer_loop(shared: &Shared) {
                 }
                 return;
             }
-            let roll = std::mem::take(&mut pending.roll_requested);
-            pending.urgent = false;
-            pending.deferred_since = None;
-            (
-                std::mem::take(&mut pending.buf).freeze(),
-                std::mem::take(&mut pending.batches),
-                roll,
-            )
-        };
-        if batches.is_empty() {
-            // Interval sync with nothing new queued.
-            if let Err(e) = shared.active().file.sync_data() {
-                shared.fail(&StorageError::io(&shared.dir, e));
-                return;
-            }
-            unsynced = false;
-            last_sync = Instant::now();
-            continue;
-        }
-        match write_batches(shared, &buf, &batches, roll) {
-            Ok(()) => {}
-            Err(err) => {
-                tracing::error!(dir = %shared.dir.display(), error = %err, "log write failed; the log is now failed");
-                // Mark the log failed before anyone hears of the error, so
-                // an append made in reaction to it sees `Failed`.
-                shared.fail(&err);
-                for batch in batches {
-                    let _ = batch.done.send(Err(err.clone()));
+            if !pending.batches.is_empty() {
+                drop(pending);
+                // Take the batches under the write lock, so an inline
+                // writer cannot write later batches before these.
+                let writing = shared.write_lock.lock();
+                let mut pending = shared.pending.lock();
+                let roll = std::mem::take(&mut pending.roll_requested);
+                pending.urgent = false;
+                pending.deferred_since = None;
+                let taken = (
+                    std::mem::take(&mut pending.buf).freeze(),
+                    std::mem::take(&mut pending.batches),
+                    roll,
+                );
+                drop(pending);
+                if taken.1.is_empty() {
+                    // An inline writer took them first.
+                    continue;
                 }
-                return;
-            }
-        }
-        unsynced = true;
-        let last = batches.last().expect("non-empty").appended.last_offset;
-        let first = batches[0].appended.base_offset;
-        shared.push_cache(first, Offset(last.0 + 1), buf);
-        shared.written_next.store(last.0 + 1, Ordering::Release);
-        shared.written_tx.send_replace(Offset(last.0 + 1));
-        if shared.config.fsync == FsyncMode::Always
-            || interval.is_some_and(|every| last_sync.elapsed() >= every)
-        {
-            if let Err(e) = shared.active().file.sync_data() {
-                let err = StorageError::io(&shared.active().path, e);
-                tracing::error!(error = %err, "fdatasync failed; the log is now failed");
-                // Mark the log failed before anyone hears of the error, so
-                // an append made in reaction to it sees `Failed`.
-                shared.fail(&err);
-                for batch in batches {
-                    let _ = batch.done.send(Err(err.clone()));
+                let sync = shared.config.fsync == FsyncMode::Always
+                    || interval.is_some_and(|every| last_sync.elapsed() >= every);
+                if !complete_write(shared, taken.0, taken.1, taken.2, sync) {
+                    return;
                 }
-                return;
+                drop(writing);
+                if sync {
+                    unsynced = false;
+                    last_sync = Instant::now();
+                } else {
+                    unsynced = true;
+                }
+                continue;
             }
-            unsynced = false;
-            last_sync = Instant::now();
         }
-        shared.visible_next.store(last.0 + 1, Ordering::Release);
-        shared.visible_tx.send_replace(Offset(last.0 + 1));
+        // Interval sync with nothing new queued.
+        let _writing = shared.write_lock.lock();
+        if let Err(e) = shared.active().file.sync_data() {
+            shared.fail(&StorageError::io(&shared.dir, e));
+            return;
+        }
+        unsynced = false;
+        last_sync = Instant::now();
+    }
+}
+
+/// Writes taken batches, syncs them if `sync`, makes them visible and
+/// completes them. Returns false if the log failed. The caller holds the
+/// write lock.
+fn complete_write(
+    shared: &Shared,
+    buf: Bytes,
+    batches: Vec<PendingBatch>,
+    roll: bool,
+    sync: bool,
+) -> bool {
+    if let Err(err) = write_batches(shared, &buf, &batches, roll) {
+        tracing::error!(dir = %shared.dir.display(), error = %err, "log write failed; the log is now failed");
+        // Mark the log failed before anyone hears of the error, so
+        // an append made in reaction to it sees `Failed`.
+        shared.fail(&err);
         for batch in batches {
-            let _ = batch.done.send(Ok(batch.appended));
+            let _ = batch.done.send(Err(err.clone()));
+        }
+        return false;
+    }
+    let last = batches.last().expect("non-empty").appended.last_offset;
+    let first = batches[0].appended.base_offset;
+    shared.push_cache(first, Offset(last.0 + 1), buf);
+    shared.written_next.store(last.0 + 1, Ordering::Release);
+    shared.written_tx.send_replace(Offset(last.0 + 1));
+    if sync {
+        if let Err(e) = shared.active().file.sync_data() {
+            let err = StorageError::io(&shared.active().path, e);
+            tracing::error!(error = %err, "fdatasync failed; the log is now failed");
+            // Mark the log failed before anyone hears of the error, so
+            // an append made in reaction to it sees `Failed`.
+            shared.fail(&err);
+            for batch in batches {
+                let _ = batch.done.send(Err(err.clone()));
+            }
+            return false;
         }
     }
+    shared.visible_next.store(last.0 + 1, Ordering::Release);
+    shared.visible_tx.send_replace(Offset(last.0 + 1));
+    for batch in batches {
+        let _ = batch.done.send(Ok(batch.appended));
+    }
+    true
 }
 
 /// Writes the taken batches: one write per segment touched, rolling first
