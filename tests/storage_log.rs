@@ -500,3 +500,60 @@ async fn under_never_appenders_writing_inline_keep_offset_order_across_rolls() {
     let log = open(Arc::new(OsFs), tmp.path(), config);
     assert_eq!(read_all(&log), expected, "reopen sees the same records");
 }
+
+#[tokio::test]
+async fn one_read_spans_many_refills_and_frames_larger_than_a_refill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = open(Arc::new(OsFs), tmp.path(), LogConfig::default());
+    // Varied sizes, with a few frames larger than the first 64 KiB refill.
+    let payloads: Vec<String> = (0..600)
+        .map(|i| {
+            let len = if i % 97 == 0 {
+                200_000
+            } else {
+                100 + (i * 37) % 3000
+            };
+            format!("{i}:").repeat(len / 4 + 1)
+        })
+        .collect();
+    for chunk in payloads.chunks(50) {
+        let batch: Vec<NewRecord> = chunk.iter().map(|p| rec(p)).collect();
+        log.append(&batch).await.unwrap();
+    }
+    // Past the tail cache: read from the file.
+    log.close();
+    let log = open(Arc::new(OsFs), tmp.path(), LogConfig::default());
+    let batch = log
+        .read(
+            Offset(0),
+            ReadLimits {
+                records_max: 10_000,
+                bytes_max: 64 << 20,
+            },
+        )
+        .unwrap();
+    let got: Vec<String> = batch
+        .records
+        .iter()
+        .map(|r| String::from_utf8(r.payload.to_vec()).unwrap())
+        .collect();
+    assert_eq!(got, payloads);
+    assert_eq!(batch.next, Offset(600));
+    // And from the middle, in small steps.
+    let mut from = Offset(250);
+    let mut seen = Vec::new();
+    while from < Offset(600) {
+        let b = log
+            .read(
+                from,
+                ReadLimits {
+                    records_max: 7,
+                    bytes_max: 1 << 20,
+                },
+            )
+            .unwrap();
+        seen.extend(b.records.iter().map(|r| r.offset.0));
+        from = b.next;
+    }
+    assert_eq!(seen, (250..600).collect::<Vec<u64>>());
+}

@@ -1010,6 +1010,12 @@ fn recover_segment(
     })
 }
 
+/// First read of a segment read call, in bytes; later reads double up to
+/// [`READ_CHUNK_MAX`].
+const READ_CHUNK_MIN: usize = 64 * 1024;
+/// Largest read of a segment read call (unless one frame is larger).
+const READ_CHUNK_MAX: usize = 1024 * 1024;
+
 fn read_segment(
     seg: &Segment,
     from: Offset,
@@ -1061,6 +1067,9 @@ fn read_segment(
     let mut bytes = 0usize;
     let mut buf = Bytes::new();
     let mut buf_start = pos;
+    // Reads start small and double: a reader after a few hundred records
+    // should not copy (and zero) a megabyte it then throws away.
+    let mut chunk = READ_CHUNK_MIN;
     let corrupt = |first: Offset, detail: &'static str| StorageError::Corrupt {
         path: seg.path.clone(),
         first,
@@ -1093,8 +1102,8 @@ fn read_segment(
                         Ok(out)
                     };
                 }
-                let want =
-                    (record::FRAME_HEADER_BYTES + declared).max(limits.bytes_max.min(1 << 20));
+                let want = (record::FRAME_HEADER_BYTES + declared).max(limits.bytes_max.min(chunk));
+                chunk = (chunk * 2).min(READ_CHUNK_MAX);
                 let n = (want as u64).min(end_pos - pos) as usize;
                 if n < record::FRAME_HEADER_BYTES + declared {
                     let first = out.next;
