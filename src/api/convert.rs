@@ -62,7 +62,7 @@ fn attributes_map(attrs: &[Attribute]) -> HashMap<String, String> {
 
 pub fn message(r: &Record) -> v1::Message {
     v1::Message {
-        message_id: r.message_id.to_string(),
+        message_id: itoa::Buffer::new().format(r.message_id).to_owned(),
         data: r.payload.clone(),
         attributes: attributes_map(&r.attributes),
         ordering_key: String::from_utf8_lossy(&r.ordering_key).into_owned(),
@@ -72,7 +72,7 @@ pub fn message(r: &Record) -> v1::Message {
 
 pub fn received(d: &Delivery) -> v1::ReceivedMessage {
     v1::ReceivedMessage {
-        ack_id: d.ack_id.to_string(),
+        ack_id: d.ack_id.encode(),
         message: Some(message(&d.record)),
         delivery_attempt: d.attempt,
     }

@@ -95,11 +95,13 @@ fn check_reason(field: &str, reason: &str) -> Result<(), Status> {
     Ok(())
 }
 
-fn results(ids: &[String], outcomes: Vec<AckOutcome>) -> Vec<v1::AckResult> {
-    ids.iter()
+/// One result per ack id, in order; the request's strings are moved into
+/// the results, not copied.
+fn results(ids: Vec<String>, outcomes: Vec<AckOutcome>) -> Vec<v1::AckResult> {
+    ids.into_iter()
         .zip(outcomes)
-        .map(|(id, o)| v1::AckResult {
-            ack_id: id.clone(),
+        .map(|(ack_id, o)| v1::AckResult {
+            ack_id,
             status: match o {
                 AckOutcome::Ok => v1::AckStatus::Ok,
                 AckOutcome::Unknown => v1::AckStatus::Unknown,
@@ -252,7 +254,7 @@ impl Subscriber for SubscriberService {
         let ids = check_ack_ids("ack_ids", &req.ack_ids)?;
         let outcomes = sub.ack(&ids).await.map_err(status::to_status)?;
         Ok(Response::new(v1::AcknowledgeResponse {
-            results: results(&req.ack_ids, outcomes),
+            results: results(req.ack_ids, outcomes),
         }))
     }
 
@@ -269,7 +271,7 @@ impl Subscriber for SubscriberService {
             .await
             .map_err(status::to_status)?;
         Ok(Response::new(v1::ModifyAckDeadlineResponse {
-            results: results(&req.ack_ids, outcomes),
+            results: results(req.ack_ids, outcomes),
         }))
     }
 
@@ -284,7 +286,7 @@ impl Subscriber for SubscriberService {
         let reject = req.reject.then_some(req.reason.as_str());
         let outcomes = sub.nack(&ids, reject).await.map_err(status::to_status)?;
         Ok(Response::new(v1::NackResponse {
-            results: results(&req.ack_ids, outcomes),
+            results: results(req.ack_ids, outcomes),
         }))
     }
 }
@@ -500,7 +502,7 @@ impl StreamTask {
     /// Applies one client request: settings, acks, deadline changes, nacks.
     async fn apply(
         &mut self,
-        req: v1::StreamingPullRequest,
+        mut req: v1::StreamingPullRequest,
         out: &mpsc::Sender<Outgoing>,
     ) -> Result<(), Status> {
         if !req.subscription.is_empty() && req.subscription != self.sub.name() {
@@ -528,7 +530,7 @@ impl StreamTask {
             let ids = check_ack_ids("ack_ids", &req.ack_ids)?;
             let (outcomes, t) = self.sub.ack_now_deferred(&ids).map_err(status::to_status)?;
             ticket = t;
-            ack_results.extend(results(&req.ack_ids, outcomes));
+            ack_results.extend(results(std::mem::take(&mut req.ack_ids), outcomes));
         }
         for m in &req.modify_deadlines {
             let deadline =
@@ -538,7 +540,7 @@ impl StreamTask {
                 .modify_deadline(&[m.ack_id.parse().ok()], deadline)
                 .await
                 .map_err(status::to_status)?;
-            ack_results.extend(results(std::slice::from_ref(&m.ack_id), outcomes));
+            ack_results.extend(results(vec![m.ack_id.clone()], outcomes));
         }
         for n in &req.nacks {
             check_reason("nacks.reason", &n.reason)?;
@@ -548,7 +550,7 @@ impl StreamTask {
                 .nack(&[n.ack_id.parse().ok()], reject)
                 .await
                 .map_err(status::to_status)?;
-            ack_results.extend(results(std::slice::from_ref(&n.ack_id), outcomes));
+            ack_results.extend(results(vec![n.ack_id.clone()], outcomes));
         }
         if !ack_results.is_empty()
             && out

@@ -56,6 +56,19 @@ pub struct AckId {
     pub attempt: u32,
 }
 
+impl AckId {
+    /// The wire form, `offset-attempt`. Built without the formatting
+    /// machinery: every delivery makes one.
+    pub fn encode(&self) -> String {
+        let mut digits = itoa::Buffer::new();
+        let mut s = String::with_capacity(24);
+        s.push_str(digits.format(self.offset));
+        s.push('-');
+        s.push_str(digits.format(self.attempt));
+        s
+    }
+}
+
 impl std::fmt::Display for AckId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}-{}", self.offset, self.attempt)
@@ -65,7 +78,8 @@ impl std::fmt::Display for AckId {
 impl std::str::FromStr for AckId {
     type Err = ();
     fn from_str(s: &str) -> std::result::Result<Self, ()> {
-        let (offset, attempt) = s.split_once('-').ok_or(())?;
+        let dash = s.bytes().position(|b| b == b'-').ok_or(())?;
+        let (offset, attempt) = (&s[..dash], &s[dash + 1..]);
         Ok(AckId {
             offset: offset.parse().map_err(|_| ())?,
             attempt: attempt.parse().map_err(|_| ())?,
@@ -1310,8 +1324,25 @@ mod tests {
             attempt: 3,
         };
         assert_eq!(id.to_string().parse::<AckId>(), Ok(id));
+        for id in [
+            id,
+            AckId {
+                offset: 0,
+                attempt: 1,
+            },
+            AckId {
+                offset: u64::MAX,
+                attempt: u32::MAX,
+            },
+        ] {
+            assert_eq!(id.encode(), id.to_string());
+            assert_eq!(id.encode().parse::<AckId>(), Ok(id));
+        }
         assert!("12".parse::<AckId>().is_err());
         assert!("a-b".parse::<AckId>().is_err());
+        assert!("12-".parse::<AckId>().is_err());
+        assert!("-3".parse::<AckId>().is_err());
+        assert!("1-2-3".parse::<AckId>().is_err());
     }
 
     #[test]
