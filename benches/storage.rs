@@ -259,12 +259,7 @@ fn open_benches(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                let start = Instant::now();
-                let (log, _) =
-                    Log::open(Arc::new(OsFs), dir.path(), config.clone(), Offset(0)).unwrap();
-                total += start.elapsed();
-                black_box(log.next_offset());
-                log.close();
+                total += timed_open(dir.path(), &config);
             }
             total
         });
@@ -279,17 +274,22 @@ fn open_benches(c: &mut Criterion) {
                         std::fs::remove_file(path).unwrap();
                     }
                 }
-                let start = Instant::now();
-                let (log, _) =
-                    Log::open(Arc::new(OsFs), dir.path(), config.clone(), Offset(0)).unwrap();
-                total += start.elapsed();
-                black_box(log.next_offset());
-                log.close();
+                total += timed_open(dir.path(), &config);
             }
             total
         });
     });
     group.finish();
+}
+
+/// Time to open (recover) the log in `dir`; the log is closed afterwards.
+fn timed_open(dir: &std::path::Path, config: &LogConfig) -> Duration {
+    let start = Instant::now();
+    let (log, _) = Log::open(Arc::new(OsFs), dir, config.clone(), Offset(0)).unwrap();
+    let took = start.elapsed();
+    black_box(log.next_offset());
+    log.close();
+    took
 }
 
 criterion_group!(benches, append_benches, read_benches, open_benches);

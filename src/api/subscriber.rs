@@ -371,22 +371,28 @@ async fn send_in_order(
                 return;
             }
         };
-        let mut bytes = response.encoded_len() as u64;
+        // Computed only if something is queued to merge: it walks every
+        // message of the response.
+        let mut bytes = None;
         let mut failed = None;
         while let Ok(item) = items.try_recv() {
             let mut resolving = resolve(item);
             match std::future::poll_fn(|cx| Poll::Ready(resolving.as_mut().poll(cx))).await {
                 Poll::Ready(Ok(more)) => {
-                    let more_bytes = more.encoded_len() as u64;
                     // One batch of deliveries per response, so the batches
                     // the stream task sized for pipelining stay apart.
                     let both_deliver = !response.received_messages.is_empty()
                         && !more.received_messages.is_empty();
-                    if both_deliver || bytes + more_bytes > DELIVERY_RESPONSE_BYTES_MAX {
+                    let fits = !both_deliver && {
+                        let so_far = *bytes.get_or_insert_with(|| response.encoded_len() as u64);
+                        let total = so_far + more.encoded_len() as u64;
+                        bytes = Some(total);
+                        total <= DELIVERY_RESPONSE_BYTES_MAX
+                    };
+                    if !fits {
                         next = Some(Box::pin(std::future::ready(Ok(more))));
                         break;
                     }
-                    bytes += more_bytes;
                     response.received_messages.extend(more.received_messages);
                     response.ack_results.extend(more.ack_results);
                 }

@@ -412,11 +412,12 @@ impl Subscription {
             let now_us = now_us();
             let mut bytes = 0u64;
             let mut batch_bytes = 0u64;
-            let fits = |n: usize, bytes: u64, batch_bytes: u64, r: &Record| {
-                let size = r.payload.len() as u64;
+            // `size` counts against the consumer's credit, `frame` against
+            // this batch's response size.
+            let fits = |n: usize, bytes: u64, batch_bytes: u64, size: u64, frame: u64| {
                 n < limits.messages_max
                     && (bytes + size <= limits.bytes_max || (n == 0 && limits.allow_oversize))
-                    && (n == 0 || batch_bytes + r.frame_len() as u64 <= limits.batch_bytes_max)
+                    && (n == 0 || batch_bytes + frame <= limits.batch_bytes_max)
             };
             // Redeliveries that are due.
             while let Some(&(at, offset)) = core.ready.first() {
@@ -438,13 +439,14 @@ impl Subscription {
                         continue;
                     }
                 };
-                if !fits(picked.len(), bytes, batch_bytes, &record) {
+                let (size, frame) = (record.payload.len() as u64, record.frame_len() as u64);
+                if !fits(picked.len(), bytes, batch_bytes, size, frame) {
                     break;
                 }
                 core.ready.remove(&(at, offset));
                 core.ready_at.remove(&offset);
-                bytes += record.payload.len() as u64;
-                batch_bytes += record.frame_len() as u64;
+                bytes += size;
+                batch_bytes += frame;
                 picked.push(record);
             }
             // New messages from the cursor, within the unacked window.
@@ -508,11 +510,12 @@ impl Subscription {
                         core.cursor = offset + 1;
                         continue;
                     }
-                    if !fits(picked.len(), bytes, batch_bytes, &record) {
+                    let (size, frame) = (record.payload.len() as u64, record.frame_len() as u64);
+                    if !fits(picked.len(), bytes, batch_bytes, size, frame) {
                         break 'fill;
                     }
-                    bytes += record.payload.len() as u64;
-                    batch_bytes += record.frame_len() as u64;
+                    bytes += size;
+                    batch_bytes += frame;
                     core.cursor = offset + 1;
                     picked.push(record);
                 }

@@ -187,6 +187,20 @@ struct Pending {
     deferred_since: Option<Instant>,
 }
 
+impl Pending {
+    /// Takes everything queued for one write: the encoded frames, their
+    /// batches, and whether a roll was asked for.
+    fn take(&mut self) -> (Bytes, Vec<PendingBatch>, bool) {
+        self.urgent = false;
+        self.deferred_since = None;
+        (
+            std::mem::take(&mut self.buf).freeze(),
+            std::mem::take(&mut self.batches),
+            std::mem::take(&mut self.roll_requested),
+        )
+    }
+}
+
 /// A chunk of the tail cache: the encoded frames of `[first, next)`.
 #[derive(Debug)]
 struct CacheChunk {
@@ -471,7 +485,7 @@ impl Log {
         let Some(_writing) = shared.write_lock.try_lock() else {
             return false;
         };
-        let (buf, batches) = {
+        let (buf, batches, roll) = {
             let mut pending = shared.pending.lock();
             if pending.closed || pending.failed.is_some() || pending.roll_requested {
                 return false;
@@ -480,15 +494,10 @@ impl Log {
             if active_len + pending.buf.len() as u64 > shared.config.segment_bytes_max {
                 return false;
             }
-            pending.urgent = false;
-            pending.deferred_since = None;
-            (
-                std::mem::take(&mut pending.buf).freeze(),
-                std::mem::take(&mut pending.batches),
-            )
+            pending.take()
         };
         if !batches.is_empty() {
-            complete_write(shared, buf, batches, false, false);
+            complete_write(shared, buf, batches, roll, false);
         }
         true
     }
@@ -1209,23 +1218,14 @@ fn writer_loop(shared: &Shared) {
                 // Take the batches under the write lock, so an inline
                 // writer cannot write later batches before these.
                 let writing = shared.write_lock.lock();
-                let mut pending = shared.pending.lock();
-                let roll = std::mem::take(&mut pending.roll_requested);
-                pending.urgent = false;
-                pending.deferred_since = None;
-                let taken = (
-                    std::mem::take(&mut pending.buf).freeze(),
-                    std::mem::take(&mut pending.batches),
-                    roll,
-                );
-                drop(pending);
-                if taken.1.is_empty() {
+                let (buf, batches, roll) = shared.pending.lock().take();
+                if batches.is_empty() {
                     // An inline writer took them first.
                     continue;
                 }
                 let sync = shared.config.fsync == FsyncMode::Always
                     || interval.is_some_and(|every| last_sync.elapsed() >= every);
-                if !complete_write(shared, taken.0, taken.1, taken.2, sync) {
+                if !complete_write(shared, buf, batches, roll, sync) {
                     return;
                 }
                 drop(writing);
@@ -1259,15 +1259,18 @@ fn complete_write(
     roll: bool,
     sync: bool,
 ) -> bool {
-    if let Err(err) = write_batches(shared, &buf, &batches, roll) {
-        tracing::error!(dir = %shared.dir.display(), error = %err, "log write failed; the log is now failed");
-        // Mark the log failed before anyone hears of the error, so
-        // an append made in reaction to it sees `Failed`.
+    // Marks the log failed before anyone hears of the error, so an append
+    // made in reaction to it sees `Failed`.
+    let fail = |err: StorageError, batches: Vec<PendingBatch>| {
         shared.fail(&err);
         for batch in batches {
             let _ = batch.done.send(Err(err.clone()));
         }
-        return false;
+        false
+    };
+    if let Err(err) = write_batches(shared, &buf, &batches, roll) {
+        tracing::error!(dir = %shared.dir.display(), error = %err, "log write failed; the log is now failed");
+        return fail(err, batches);
     }
     let last = batches.last().expect("non-empty").appended.last_offset;
     let first = batches[0].appended.base_offset;
@@ -1278,13 +1281,7 @@ fn complete_write(
         if let Err(e) = shared.active().file.sync_data() {
             let err = StorageError::io(&shared.active().path, e);
             tracing::error!(error = %err, "fdatasync failed; the log is now failed");
-            // Mark the log failed before anyone hears of the error, so
-            // an append made in reaction to it sees `Failed`.
-            shared.fail(&err);
-            for batch in batches {
-                let _ = batch.done.send(Err(err.clone()));
-            }
-            return false;
+            return fail(err, batches);
         }
     }
     shared.visible_next.store(last.0 + 1, Ordering::Release);
