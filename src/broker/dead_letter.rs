@@ -27,7 +27,15 @@ pub struct DeadLetterLog {
     dir: PathBuf,
     fs: Arc<dyn Fs>,
     config: LogConfig,
-    log: Mutex<Option<Log>>,
+    log: Mutex<Slot>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    log: Option<Log>,
+    /// Set by `close`: the directory may be renamed or removed, so nothing
+    /// may open the log again until `reopen`.
+    closed: bool,
 }
 
 impl DeadLetterLog {
@@ -36,26 +44,36 @@ impl DeadLetterLog {
             dir,
             fs,
             config,
-            log: Mutex::new(None),
+            log: Mutex::new(Slot::default()),
         }
     }
 
     /// The log if it exists on disk (opening it if needed), else `None`.
+    /// `None` too once closed.
     pub fn existing(&self) -> Result<Option<Log>, StorageError> {
         let mut slot = self.log.lock();
-        if slot.is_none() && self.fs.exists(&self.dir) {
-            *slot = Some(self.open()?);
+        if slot.log.is_none() && !slot.closed && self.fs.exists(&self.dir) {
+            slot.log = Some(self.open()?);
         }
-        Ok(slot.clone())
+        Ok(slot.log.clone())
     }
 
     /// The log, created if it does not exist yet.
+    ///
+    /// # Errors
+    /// `Closed` after [`DeadLetterLog::close`]; a storage error if it cannot
+    /// be opened.
     pub fn get_or_create(&self) -> Result<Log, StorageError> {
         let mut slot = self.log.lock();
-        if slot.is_none() {
-            *slot = Some(self.open()?);
+        if slot.closed {
+            return Err(StorageError::Closed {
+                path: self.dir.clone(),
+            });
         }
-        Ok(slot.clone().expect("just opened"))
+        if slot.log.is_none() {
+            slot.log = Some(self.open()?);
+        }
+        Ok(slot.log.clone().expect("just opened"))
     }
 
     fn open(&self) -> Result<Log, StorageError> {
@@ -68,14 +86,26 @@ impl DeadLetterLog {
 
     /// Offset after the last dead letter ever written (0 if none).
     pub fn next_offset(&self) -> Offset {
-        self.log.lock().as_ref().map_or(Offset(0), Log::next_offset)
+        self.log
+            .lock()
+            .log
+            .as_ref()
+            .map_or(Offset(0), Log::next_offset)
     }
 
-    /// Closes the log if it is open.
+    /// Closes the log if it is open; it stays closed until `reopen`.
     pub fn close(&self) {
-        if let Some(log) = self.log.lock().take() {
+        let mut slot = self.log.lock();
+        slot.closed = true;
+        if let Some(log) = slot.log.take() {
             log.close();
         }
+    }
+
+    /// Allows the log to be opened again after `close` (a deletion that
+    /// failed).
+    pub fn reopen(&self) {
+        self.log.lock().closed = false;
     }
 }
 

@@ -8,6 +8,8 @@
 //! - subscription.rs: [`Subscription`], a cursor plus ack state over the
 //!   topic's log: leasing, acks, nacks, deadlines, dead-lettering.
 //! - dead_letter.rs: how dead letters are stored and decoded.
+//! - recovery.rs: at open, every directory is matched with its definition;
+//!   nothing unaccounted is deleted.
 //! - config.rs: settings and every limit.
 //!
 //! The broker knows nothing of gRPC: the API layer maps its types and
@@ -16,6 +18,7 @@
 pub mod config;
 pub mod dead_letter;
 pub mod error;
+pub mod recovery;
 pub mod subscription;
 pub mod topic;
 
@@ -36,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::storage::definition;
 use crate::storage::io::{Fs, OsFs};
 use crate::storage::meta::{
     DeadLetterPolicy, MetaStore, Retention, RetryPolicy, SubscriptionDef, TopicDef,
@@ -43,6 +47,7 @@ use crate::storage::meta::{
 use crate::storage::state::{StateEntry, StateJournal, SubscriptionState};
 use crate::storage::{Appended, Log, LogConfig, NewRecord, Offset, StorageError};
 
+use recovery::{DELETING_SUFFIX, KIND_SUBSCRIPTION, KIND_TOPIC};
 use subscription::now_us;
 use topic::TopicMap;
 
@@ -52,8 +57,6 @@ const DIR_STATE: &str = "state";
 const DIR_META: &str = "meta";
 const DIR_DEAD_LETTERS: &str = "dead-letters";
 const LOCK_FILE: &str = "courier.lock";
-/// Suffix of a directory being deleted; removed again on open.
-const DELETING_SUFFIX: &str = ".deleting";
 /// Segment size of dead-letter logs.
 const DEAD_LETTER_SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 /// How often retention and journal compaction run.
@@ -151,12 +154,7 @@ impl Broker {
             .map_err(|e| StorageError::io(&dir, e))?;
         let lock = lock_data_dir(&dir)?;
         let meta = MetaStore::open(&dir.join(DIR_META))?;
-        let log_config = LogConfig {
-            segment_bytes_max: config.segment_bytes_max,
-            fsync: config.fsync,
-            tail_cache_bytes_max: config.tail_cache_bytes_max,
-            ..LogConfig::default()
-        };
+        let log_config = topic_log_config(&config);
         let journal_config = LogConfig {
             defer_max: Duration::from_millis(config.journal_defer_ms),
             ..log_config.clone()
@@ -164,18 +162,24 @@ impl Broker {
         let (journal, mut states) =
             StateJournal::open(fs.clone(), &dir.join(DIR_STATE), journal_config)?;
         let topics: Arc<TopicMap> = Arc::new(RwLock::new(HashMap::new()));
-        let topic_defs = meta.topics()?;
-        let sub_defs = meta.subscriptions()?;
-        remove_orphans(
+        let accounted = recovery::account(
             fs.as_ref(),
-            &dir.join(DIR_TOPICS),
-            topic_defs.iter().map(|t| t.id),
+            &meta,
+            recovery::Layout {
+                data_dir: &dir,
+                topics_dir: &dir.join(DIR_TOPICS),
+                subscriptions_dir: &dir.join(DIR_SUBSCRIPTIONS),
+            },
+            &states,
         )?;
-        remove_orphans(
-            fs.as_ref(),
-            &dir.join(DIR_SUBSCRIPTIONS),
-            sub_defs.iter().map(|s| s.id),
-        )?;
+        if accounted.restored > 0 || accounted.set_aside > 0 {
+            tracing::warn!(
+                restored = accounted.restored,
+                set_aside = accounted.set_aside,
+                "definitions restored from their directories / directories set aside in lost+found"
+            );
+        }
+        let (topic_defs, sub_defs) = (accounted.topics, accounted.subscriptions);
         for def in topic_defs {
             let log = open_log(
                 fs.clone(),
@@ -206,15 +210,15 @@ impl Broker {
             }),
         };
         for def in sub_defs {
-            let Some(topic) = broker
+            // recovery::account kept only subscriptions of known topics.
+            let topic = broker
                 .topic(&def.topic)
                 .ok()
                 .filter(|t| t.def().id == def.topic_id)
-            else {
-                tracing::warn!(subscription = %def.name, topic = %def.topic, "subscription's topic is gone; deleting it");
-                broker.inner.meta.delete_subscription(&def.name)?;
-                continue;
-            };
+                .ok_or_else(|| BrokerError::NotFound {
+                    kind: "topic",
+                    name: def.topic.clone(),
+                })?;
             // The journal only records changes; the starting position comes
             // from the definition.
             let mut state = states.remove(&def.id).unwrap_or_default();
@@ -316,7 +320,18 @@ impl Broker {
         all
     }
 
+    /// Creates a topic: its directory, definition file and definition are
+    /// durable when this returns.
+    ///
+    /// # Cancel safety
+    /// Runs in a task of its own: dropping the future does not stop the
+    /// change half-way; it completes or fails as a whole.
     pub async fn create_topic(&self, name: &str, retention: Retention) -> Result<Arc<Topic>> {
+        let (this, name) = (self.clone(), name.to_string());
+        detached(async move { this.create_topic_in_task(&name, retention).await }).await
+    }
+
+    async fn create_topic_in_task(&self, name: &str, retention: Retention) -> Result<Arc<Topic>> {
         self.check_running()?;
         config::check_name("name", name)?;
         if retention.max_age_ms == Some(0) {
@@ -350,24 +365,31 @@ impl Broker {
             retention,
             created_ms: now_us() / 1000,
         };
-        // The directory first: a crash before the definition is stored
-        // leaves an orphan directory, which the next open removes.
-        let log_config = LogConfig {
-            segment_bytes_max: self.inner.config.segment_bytes_max,
-            fsync: self.inner.config.fsync,
-            tail_cache_bytes_max: self.inner.config.tail_cache_bytes_max,
-            ..LogConfig::default()
-        };
-        let log = open_log(
-            self.inner.fs.clone(),
-            &self.topic_dir(def.id),
-            log_config,
-            name,
-        )?;
-        self.inner.meta.create_topic(&def).map_err(|e| match e {
-            StorageError::AlreadyExists { kind, name } => BrokerError::AlreadyExists { kind, name },
-            other => other.into(),
-        })?;
+        // The directory and its definition file first, then the store: a
+        // crash in between leaves a directory that recovery restores.
+        let (fs, meta) = (self.inner.fs.clone(), self.inner.meta.clone());
+        let (dir, config) = (self.topic_dir(def.id), topic_log_config(&self.inner.config));
+        let stored = def.clone();
+        let log = blocking(move || {
+            let log = open_log(fs.clone(), &dir, config, &stored.name)?;
+            let kept = definition::write(fs.as_ref(), &dir, KIND_TOPIC, &stored)
+                .and_then(|()| meta.create_topic(&stored))
+                .map_err(|e| match e {
+                    StorageError::AlreadyExists { kind, name } => {
+                        BrokerError::AlreadyExists { kind, name }
+                    }
+                    other => other.into(),
+                });
+            if let Err(e) = kept {
+                log.close();
+                if let Err(cleanup) = remove_dir(fs.as_ref(), &dir) {
+                    tracing::warn!(dir = %dir.display(), error = %cleanup, "cannot remove the directory of a topic that was not created");
+                }
+                return Err(e);
+            }
+            Ok(log)
+        })
+        .await?;
         let topic = Arc::new(Topic::new(def, log, Arc::downgrade(&self.inner.topics)));
         self.inner
             .topics
@@ -378,7 +400,16 @@ impl Broker {
     }
 
     /// Deletes a topic, its subscriptions and their files.
+    ///
+    /// # Cancel safety
+    /// Runs in a task of its own: dropping the future does not stop the
+    /// change half-way; it completes or fails as a whole.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let (this, name) = (self.clone(), name.to_string());
+        detached(async move { this.delete_topic_in_task(&name).await }).await
+    }
+
+    async fn delete_topic_in_task(&self, name: &str) -> Result<()> {
         self.check_running()?;
         let _admin = self.inner.admin.lock().await;
         let topic = self.topic(name)?;
@@ -399,12 +430,61 @@ impl Broker {
         for sub in topic.subscriptions() {
             self.delete_subscription_locked(&sub.name()).await?;
         }
-        self.inner.meta.delete_topic(name)?;
-        self.inner.topics.write().remove(name);
+        // Close the log's files, set the directory aside (`.deleting`),
+        // then drop the definition: at every step a crash leaves either the
+        // topic or an acknowledged deletion, never a definition without its
+        // data or data without a definition.
         topic.log.close();
-        remove_dir(self.inner.fs.as_ref(), &self.topic_dir(topic.def().id))?;
+        let (fs, meta) = (self.inner.fs.clone(), self.inner.meta.clone());
+        let dir = self.topic_dir(topic.def().id);
+        let (doomed_name, dir_again) = (name.to_string(), dir.clone());
+        let deleted = blocking(move || {
+            let doomed = mark_deleting(fs.as_ref(), &dir)?;
+            if let Err(e) = meta.delete_topic(&doomed_name) {
+                unmark_deleting(fs.as_ref(), &doomed, &dir);
+                return Err(e.into());
+            }
+            Ok(doomed)
+        })
+        .await;
+        let doomed = match deleted {
+            Ok(doomed) => doomed,
+            Err(e) => {
+                // The topic stays: serve it again from a freshly opened log.
+                let def = topic.def().clone();
+                let log = open_log(
+                    self.inner.fs.clone(),
+                    &dir_again,
+                    topic_log_config(&self.inner.config),
+                    name,
+                )?;
+                self.inner.topics.write().insert(
+                    name.to_string(),
+                    Arc::new(Topic::new(def, log, Arc::downgrade(&self.inner.topics))),
+                );
+                return Err(e);
+            }
+        };
+        self.inner.topics.write().remove(name);
+        self.finish_removal(doomed).await;
         tracing::info!(topic = name, "topic deleted");
         Ok(())
+    }
+
+    /// Removes a directory whose deletion is acknowledged. A failure is
+    /// logged, not returned: the directory is accounted for and the next
+    /// start removes it.
+    async fn finish_removal(&self, doomed: PathBuf) {
+        let fs = self.inner.fs.clone();
+        let shown = doomed.display().to_string();
+        let removed = blocking(move || {
+            fs.remove_dir_all(&doomed)
+                .map_err(|e| StorageError::io(&doomed, e).into())
+        })
+        .await;
+        if let Err(e) = removed {
+            tracing::warn!(dir = %shown, error = %e, "cannot remove a deleted directory yet; the next start removes it");
+        }
     }
 
     pub fn topic_stats(&self, name: &str) -> Result<TopicStats> {
@@ -599,7 +679,17 @@ impl Broker {
         Ok(())
     }
 
+    /// Creates a subscription: durable when this returns.
+    ///
+    /// # Cancel safety
+    /// Runs in a task of its own: dropping the future does not stop the
+    /// change half-way; it completes or fails as a whole.
     pub async fn create_subscription(&self, spec: SubscriptionSpec) -> Result<Arc<Subscription>> {
+        let this = self.clone();
+        detached(async move { this.create_subscription_in_task(spec).await }).await
+    }
+
+    async fn create_subscription_in_task(&self, spec: SubscriptionSpec) -> Result<Arc<Subscription>> {
         self.check_running()?;
         config::check_name("name", &spec.name)?;
         config::check_name("topic", &spec.topic)?;
@@ -643,13 +733,45 @@ impl Broker {
             start_offset: start.0,
             created_ms: now_us() / 1000,
         };
-        self.inner.meta.create_subscription(&def)?;
+        let (fs, meta) = (self.inner.fs.clone(), self.inner.meta.clone());
+        let (parent, dir) = (
+            self.inner.config.data_dir.join(DIR_SUBSCRIPTIONS),
+            self.sub_dir(def.id),
+        );
+        let stored = def.clone();
+        blocking(move || {
+            recovery::create_dir(fs.as_ref(), &parent, &dir)?;
+            let kept = definition::write(fs.as_ref(), &dir, KIND_SUBSCRIPTION, &stored)
+                .and_then(|()| meta.create_subscription(&stored));
+            if let Err(e) = kept {
+                if let Err(cleanup) = remove_dir(fs.as_ref(), &dir) {
+                    tracing::warn!(dir = %dir.display(), error = %cleanup, "cannot remove the directory of a subscription that was not created");
+                }
+                return Err(e.into());
+            }
+            Ok(())
+        })
+        .await?;
         let sub = self.attach_subscription(def, topic, SubscriptionState::starting_at(start))?;
         tracing::info!(subscription = %spec.name, topic = %spec.topic, "subscription created");
         Ok(sub)
     }
 
+    /// Changes a subscription's settings: durable when this returns.
+    ///
+    /// # Cancel safety
+    /// Runs in a task of its own: dropping the future does not stop the
+    /// change half-way; it completes or fails as a whole.
     pub async fn update_subscription(
+        &self,
+        name: &str,
+        update: SubscriptionUpdate,
+    ) -> Result<Arc<Subscription>> {
+        let (this, name) = (self.clone(), name.to_string());
+        detached(async move { this.update_subscription_in_task(&name, update).await }).await
+    }
+
+    async fn update_subscription_in_task(
         &self,
         name: &str,
         update: SubscriptionUpdate,
@@ -673,30 +795,67 @@ impl Broker {
             def.dead_letter.as_ref(),
             &def.topic,
         )?;
-        self.inner.meta.update_subscription(&def)?;
+        let (fs, meta) = (self.inner.fs.clone(), self.inner.meta.clone());
+        let dir = self.sub_dir(def.id);
+        let stored = def.clone();
+        blocking(move || {
+            definition::write(fs.as_ref(), &dir, KIND_SUBSCRIPTION, &stored)?;
+            Ok(meta.update_subscription(&stored)?)
+        })
+        .await?;
         sub.set_def(def);
         Ok(sub)
     }
 
+    /// Deletes a subscription, its state and its dead letters.
+    ///
+    /// # Cancel safety
+    /// Runs in a task of its own: dropping the future does not stop the
+    /// change half-way; it completes or fails as a whole.
     pub async fn delete_subscription(&self, name: &str) -> Result<()> {
-        self.check_running()?;
-        let _admin = self.inner.admin.lock().await;
-        self.delete_subscription_locked(name).await
+        let (this, name) = (self.clone(), name.to_string());
+        detached(async move {
+            this.check_running()?;
+            let _admin = this.inner.admin.lock().await;
+            this.delete_subscription_locked(&name).await
+        })
+        .await
     }
 
     async fn delete_subscription_locked(&self, name: &str) -> Result<()> {
         let sub = self.subscription(name)?;
-        self.inner.meta.delete_subscription(name)?;
+        // No new leases, no dead-letter log reopened while its directory
+        // moves; then the same order as for a topic (see delete_topic).
+        sub.mark_deleted();
+        sub.dlq.close();
+        let (fs, meta) = (self.inner.fs.clone(), self.inner.meta.clone());
+        let dir = self.sub_dir(sub.id());
+        let doomed_name = name.to_string();
+        let deleted = blocking(move || {
+            let doomed = mark_deleting(fs.as_ref(), &dir)?;
+            if let Err(e) = meta.delete_subscription(&doomed_name) {
+                unmark_deleting(fs.as_ref(), &doomed, &dir);
+                return Err(e.into());
+            }
+            Ok(doomed)
+        })
+        .await;
+        let doomed = match deleted {
+            Ok(doomed) => doomed,
+            Err(e) => {
+                sub.dlq.reopen();
+                sub.unmark_deleted();
+                return Err(e);
+            }
+        };
         self.inner.subs.write().remove(name);
         sub.topic.subs.write().retain(|s| !Arc::ptr_eq(s, &sub));
-        sub.mark_deleted();
         let ticket = self
             .inner
             .journal
             .enqueue(sub.id(), &[StateEntry::Dropped])?;
         ticket.wait().await?;
-        sub.dlq.close();
-        remove_dir(self.inner.fs.as_ref(), &self.sub_dir(sub.id()))?;
+        self.finish_removal(doomed).await;
         tracing::info!(subscription = name, "subscription deleted");
         Ok(())
     }
@@ -704,10 +863,21 @@ impl Broker {
     // ----- dead letters -------------------------------------------------
 
     /// Puts dead letters back into their subscription (only that one), with
-    /// attempts reset. Returns how many.
+    /// attempts reset. Returns how many. One redrive or purge of a
+    /// subscription runs at a time.
+    ///
+    /// # Cancel safety
+    /// Runs in a task of its own: dropping the future does not stop the
+    /// change half-way; it completes or fails as a whole.
     pub async fn redrive(&self, subscription: &str, filter: RedriveFilter) -> Result<u64> {
+        let (this, name) = (self.clone(), subscription.to_string());
+        detached(async move { this.redrive_in_task(&name, filter).await }).await
+    }
+
+    async fn redrive_in_task(&self, subscription: &str, filter: RedriveFilter) -> Result<u64> {
         self.check_running()?;
         let sub = self.subscription(subscription)?;
+        let _one_at_a_time = sub.dead_letter_ops.lock().await;
         let target = sub.id();
         let mut total = 0u64;
         let mut from = Offset(0);
@@ -751,9 +921,19 @@ impl Broker {
     }
 
     /// Removes every dead letter of a subscription.
+    ///
+    /// # Cancel safety
+    /// Runs in a task of its own: dropping the future does not stop the
+    /// change half-way; it completes or fails as a whole.
     pub async fn purge_dead_letters(&self, subscription: &str) -> Result<u64> {
+        let (this, name) = (self.clone(), subscription.to_string());
+        detached(async move { this.purge_dead_letters_in_task(&name).await }).await
+    }
+
+    async fn purge_dead_letters_in_task(&self, subscription: &str) -> Result<u64> {
         self.check_running()?;
         let sub = self.subscription(subscription)?;
+        let _one_at_a_time = sub.dead_letter_ops.lock().await;
         let mut total = 0u64;
         let mut from = Offset(0);
         loop {
@@ -946,43 +1126,83 @@ fn open_log(fs: Arc<dyn Fs>, dir: &Path, config: LogConfig, name: &str) -> Resul
     Ok(log)
 }
 
-/// Renames a directory aside, syncs the parent, then removes it: a crash
-/// half-way leaves a `.deleting` directory that the next open removes.
-fn remove_dir(fs: &dyn Fs, dir: &Path) -> Result<()> {
-    if !fs.exists(dir) {
-        return Ok(());
+/// Log settings of a topic's log.
+fn topic_log_config(config: &BrokerConfig) -> LogConfig {
+    LogConfig {
+        segment_bytes_max: config.segment_bytes_max,
+        fsync: config.fsync,
+        tail_cache_bytes_max: config.tail_cache_bytes_max,
+        ..LogConfig::default()
     }
+}
+
+/// Runs `work` in a task of its own, so that dropping the caller's future
+/// (a cancelled RPC) cannot stop it half-way.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    match tokio::spawn(work).await {
+        Ok(result) => result,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => Err(BrokerError::ShuttingDown),
+        },
+    }
+}
+
+/// Runs blocking file and metadata work off the async runtime's threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => Err(BrokerError::ShuttingDown),
+        },
+    }
+}
+
+/// Renames `dir` to `{dir}.deleting` and syncs the parent: from then on a
+/// crash leaves a deletion in progress (see `recovery`). Returns the new
+/// path (`dir` itself if it does not exist).
+fn mark_deleting(fs: &dyn Fs, dir: &Path) -> Result<PathBuf> {
     let mut doomed = dir.as_os_str().to_owned();
     doomed.push(DELETING_SUFFIX);
     let doomed = PathBuf::from(doomed);
+    if !fs.exists(dir) {
+        return Ok(doomed);
+    }
     fs.rename(dir, &doomed)
         .map_err(|e| StorageError::io(dir, e))?;
     if let Some(parent) = dir.parent() {
         fs.sync_dir(parent)
             .map_err(|e| StorageError::io(parent, e))?;
     }
-    fs.remove_dir_all(&doomed)
-        .map_err(|e| StorageError::io(&doomed, e))?;
-    Ok(())
+    Ok(doomed)
 }
 
-/// Removes directories under `parent` that belong to no known id.
-fn remove_orphans(fs: &dyn Fs, parent: &Path, ids: impl Iterator<Item = u64>) -> Result<()> {
-    if !fs.exists(parent) {
-        fs.create_dir_all(parent)
-            .map_err(|e| StorageError::io(parent, e))?;
-        return Ok(());
+/// Undoes `mark_deleting` after the definition could not be removed. If
+/// that fails too, recovery renames it back at the next start (the
+/// definition is still there).
+fn unmark_deleting(fs: &dyn Fs, doomed: &Path, dir: &Path) {
+    if !fs.exists(doomed) {
+        return;
     }
-    let known: std::collections::HashSet<String> = ids.map(|id| id.to_string()).collect();
-    for name in fs
-        .list_dir(parent)
-        .map_err(|e| StorageError::io(parent, e))?
-    {
-        if !known.contains(&name) {
-            tracing::info!(dir = %parent.join(&name).display(), "removing leftover directory");
-            fs.remove_dir_all(&parent.join(&name))
-                .map_err(|e| StorageError::io(parent.join(&name), e))?;
-        }
+    let renamed = fs.rename(doomed, dir).and_then(|()| match dir.parent() {
+        Some(parent) => fs.sync_dir(parent),
+        None => Ok(()),
+    });
+    if let Err(e) = renamed {
+        tracing::error!(dir = %dir.display(), error = %e, "cannot undo a failed deletion; the next start does");
+    }
+}
+
+/// Sets a directory aside as `.deleting`, then removes it (a directory of a
+/// create that failed, whose definition was never stored).
+fn remove_dir(fs: &dyn Fs, dir: &Path) -> Result<()> {
+    let doomed = mark_deleting(fs, dir)?;
+    if fs.exists(&doomed) {
+        fs.remove_dir_all(&doomed)
+            .map_err(|e| StorageError::io(&doomed, e))?;
     }
     Ok(())
 }

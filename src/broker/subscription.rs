@@ -217,6 +217,9 @@ pub struct Subscription {
     wake: Notify,
     deleted: AtomicBool,
     window_max: u64,
+    /// Held by redrive and purge, so two of them never pick the same dead
+    /// letters.
+    pub(crate) dead_letter_ops: tokio::sync::Mutex<()>,
 }
 
 pub(crate) fn now_us() -> u64 {
@@ -314,6 +317,7 @@ impl Subscription {
             wake: Notify::new(),
             deleted: AtomicBool::new(false),
             window_max,
+            dead_letter_ops: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -341,6 +345,11 @@ impl Subscription {
     pub(crate) fn mark_deleted(&self) {
         self.deleted.store(true, Ordering::Release);
         self.wake.notify_waiters();
+    }
+
+    /// Undoes `mark_deleted` (the deletion failed).
+    pub(crate) fn unmark_deleted(&self) {
+        self.deleted.store(false, Ordering::Release);
     }
 
     /// A receiver of the topic's visible next offset: it changes when new

@@ -270,7 +270,15 @@ impl Log {
         first_offset: Offset,
     ) -> Result<(Log, RecoveryReport)> {
         let io = |e| StorageError::io(dir, e);
-        fs.create_dir_all(dir).map_err(io)?;
+        if !fs.exists(dir) {
+            // The directory's own entry must be durable too, or a power cut
+            // could take every fdatasync'd segment with it.
+            fs.create_dir_all(dir).map_err(io)?;
+            if let Some(parent) = dir.parent() {
+                fs.sync_dir(parent)
+                    .map_err(|e| StorageError::io(parent, e))?;
+            }
+        }
         let mut report = RecoveryReport::default();
         let names = fs.list_dir(dir).map_err(io)?;
         let mut bases: Vec<Offset> = names

@@ -1,10 +1,23 @@
 //! Topic and subscription definitions, kept in sled.
 //!
 //! This is the only module that imports sled; callers see plain structs.
-//! Every change is flushed (sled's fsync) before the call returns, so a
-//! definition that an admin RPC reported as created survives a crash.
+//!
+//! Every change is durable before the call returns, so a definition that
+//! an admin RPC reported as changed survives a power cut. sled's `flush`
+//! alone does not promise that: on Linux sled 0.34 writes its buffers with
+//! `sync_file_range`, which flushes neither file metadata nor the drive's
+//! cache (only its background flusher, every 500 ms, calls `sync_all`). So
+//! after every `flush` this store fsyncs sled's data file and its
+//! directory itself.
+//!
+//! Ids come from sled's `generate_id`, which is monotonic across restarts;
+//! [`MetaStore::raise_id_floor`] additionally keeps them above every id
+//! found on disk, so an id is never reused even if the store lost its last
+//! changes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +30,9 @@ const TREE_TOPICS: &str = "topics";
 const TREE_SUBSCRIPTIONS: &str = "subscriptions";
 /// sled's page cache; its default (1 GiB) is far more than definitions need.
 const SLED_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+/// sled's data file in its directory (sled 0.34's layout); fsynced after
+/// every flush.
+const SLED_DATA_FILE: &str = "db";
 
 /// Retention by age or size; unset means off.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +90,11 @@ pub struct MetaStore {
     db: sled::Db,
     topics: sled::Tree,
     subs: sled::Tree,
+    dir: PathBuf,
+    /// sled's data file, kept open to fsync it after each flush.
+    data_file: Arc<std::fs::File>,
+    /// Every id handed out is above this.
+    id_floor: Arc<AtomicU64>,
 }
 
 fn meta_err(e: impl std::fmt::Display) -> StorageError {
@@ -104,18 +125,49 @@ impl MetaStore {
         }
         let topics = db.open_tree(TREE_TOPICS).map_err(meta_err)?;
         let subs = db.open_tree(TREE_SUBSCRIPTIONS).map_err(meta_err)?;
-        Ok(Self { db, topics, subs })
+        let data_path = dir.join(SLED_DATA_FILE);
+        let data_file = std::fs::File::open(&data_path)
+            .map_err(|e| StorageError::io(&data_path, e))?;
+        let store = Self {
+            db,
+            topics,
+            subs,
+            dir: dir.to_path_buf(),
+            data_file: Arc::new(data_file),
+            id_floor: Arc::new(AtomicU64::new(0)),
+        };
+        store.flush()?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+        Ok(store)
     }
 
-    /// A fresh id for a topic or subscription; never returned twice.
+    /// A fresh id for a topic or subscription; never returned twice, and
+    /// above every id passed to [`MetaStore::raise_id_floor`].
     pub fn next_id(&self) -> Result<u64> {
         // generate_id is monotonic across restarts (sled persists a bound).
-        Ok(self.db.generate_id().map_err(meta_err)? + 1)
+        let id = self.db.generate_id().map_err(meta_err)? + 1;
+        let floor = self.id_floor.fetch_max(id, Ordering::AcqRel);
+        if floor < id {
+            return Ok(id);
+        }
+        Ok(self.id_floor.fetch_add(1, Ordering::AcqRel) + 1)
     }
 
+    /// Ids handed out from now on are above `id` (one found on disk).
+    pub fn raise_id_floor(&self, id: u64) {
+        self.id_floor.fetch_max(id, Ordering::AcqRel);
+    }
+
+    /// sled's flush, then a real fsync of its data file and directory.
     fn flush(&self) -> Result<()> {
         self.db.flush().map_err(meta_err)?;
-        Ok(())
+        let data_path = self.dir.join(SLED_DATA_FILE);
+        self.data_file
+            .sync_all()
+            .map_err(|e| StorageError::io(&data_path, e))?;
+        sync_dir(&self.dir)
     }
 
     fn insert_new<T: Serialize>(
@@ -139,6 +191,22 @@ impl MetaStore {
             .values()
             .map(|v| serde_json::from_slice(&v.map_err(meta_err)?).map_err(meta_err))
             .collect()
+    }
+
+    /// Stores a definition found beside its data that the store had lost.
+    ///
+    /// # Errors
+    /// `AlreadyExists` if another topic has the name.
+    pub fn restore_topic(&self, def: &TopicDef) -> Result<()> {
+        self.create_topic(def)
+    }
+
+    /// Stores a subscription definition found beside its data.
+    ///
+    /// # Errors
+    /// `AlreadyExists` if another subscription has the name.
+    pub fn restore_subscription(&self, def: &SubscriptionDef) -> Result<()> {
+        self.create_subscription(def)
     }
 
     pub fn create_topic(&self, def: &TopicDef) -> Result<()> {
@@ -179,6 +247,12 @@ impl MetaStore {
     }
 }
 
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StorageError::io(dir, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,5 +278,9 @@ mod tests {
         assert_eq!(store.topics().unwrap(), vec![def]);
         let a = store.next_id().unwrap();
         assert!(store.next_id().unwrap() > a);
+        store.raise_id_floor(a + 1_000_000_000);
+        let b = store.next_id().unwrap();
+        assert!(b > a + 1_000_000_000);
+        assert!(store.next_id().unwrap() > b);
     }
 }

@@ -6,12 +6,14 @@
 //! - [`state`]: subscription state (ack floors, acked ranges, delivery
 //!   attempts, dead-letter removals) journaled in one broker-wide log.
 //! - [`meta`]: topic and subscription definitions in sled; the only module
-//!   that imports sled.
+//!   that imports sled. [`definition`]: the fsynced copy of each definition
+//!   kept beside its data, which recovery trusts when sled lost one.
 //! - [`io`]: the narrow file interface all of that uses, with an OS
 //!   implementation and a simulated page cache for power-loss tests.
 //!
 //! This layer knows nothing of gRPC or of the broker's delivery logic.
 
+pub mod definition;
 pub mod error;
 pub mod io;
 pub mod log;
