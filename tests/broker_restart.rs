@@ -345,3 +345,51 @@ async fn the_unacked_window_bounds_what_a_subscription_hands_out() {
     assert_eq!(more.iter().map(text).collect::<Vec<_>>(), vec!["m5", "m6"]);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_last_attempt_in_flight_at_restart_is_dead_lettered_not_delivered_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(test_config(tmp.path())).await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub_with(v1::Subscription {
+        name: "s".into(),
+        topic: "t".into(),
+        ack_deadline_ms: 60_000,
+        dead_letter_policy: Some(v1::DeadLetterPolicy {
+            max_delivery_attempts: 3,
+            forward_topic: String::new(),
+        }),
+        ..Default::default()
+    })
+    .await;
+    c.publish("t", &["poison", "fine"]).await;
+    for attempt in 1..=3 {
+        let got = c.pull_n("s", 2, Duration::from_secs(3)).await;
+        assert!(got.iter().all(|m| m.delivery_attempt == attempt));
+        let fine: Vec<_> = got.iter().filter(|m| text(m) == "fine").cloned().collect();
+        let poison: Vec<_> = got.iter().filter(|m| text(m) == "poison").cloned().collect();
+        if attempt < 3 {
+            c.nack("s", ack_ids(&got), None).await;
+        } else {
+            // Attempt 3 of "poison" stays in flight across the restart.
+            c.ack("s", ack_ids(&fine)).await;
+            assert_eq!(poison.len(), 1);
+        }
+    }
+    server.stop().await;
+
+    let server = TestServer::start_with(test_config(tmp.path())).await;
+    let mut c = server.clients().await;
+    let again = c.pull("s", 10, 500).await;
+    assert!(
+        again.is_empty(),
+        "delivered past the attempt limit: {:?}",
+        again.iter().map(|m| (text(m), m.delivery_attempt)).collect::<Vec<_>>()
+    );
+    let dead = c.dead_letters("s").await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].delivery_attempts, 3);
+    assert_eq!(c.stats("s").await.backlog_messages, 0);
+    server.stop().await;
+}

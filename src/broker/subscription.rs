@@ -12,6 +12,11 @@
 //! - A message is moved to the dead-letter queue exactly once: the dead
 //!   letter is appended and durable before the offset is settled, and on
 //!   open any dead letter whose offset is not settled is settled then.
+//! - No delivery's attempt number exceeds `max_delivery_attempts`, across
+//!   restarts too: a message whose last allowed attempt was in flight at a
+//!   crash, or whose dead-lettering failed, is queued for dead-lettering
+//!   (`dead_letter_due`, handled by `tick`) when it would be delivered
+//!   again, never handed out.
 
 use std::collections::BTreeSet;
 
@@ -35,6 +40,9 @@ use crate::storage::{AppendTicket, Log, NewRecord, Offset, ReadLimits, Record, S
 /// Identifies the consumer holding a lease: a StreamingPull stream, or
 /// [`PULL_CONSUMER`] for unary Pull.
 pub type ConsumerId = u64;
+/// How long a message whose dead-lettering failed waits before it is tried
+/// again.
+const DEAD_LETTER_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Dead letters read per page when scanning the queue.
 const DEAD_LETTER_SCAN_PAGE: usize = 1_000;
 /// The consumer id of leases handed out by unary Pull.
@@ -201,6 +209,9 @@ struct Core {
     ready: BTreeSet<(Instant, u64)>,
     ready_at: HashMap<u64, Instant>,
     dead_lettering: HashSet<u64>,
+    /// Offsets in `dead_lettering` that `tick` must still move to the
+    /// dead-letter queue (their attempts are exhausted).
+    dead_letter_due: Vec<u64>,
     consumers: HashMap<ConsumerId, Outstanding>,
 }
 
@@ -287,6 +298,18 @@ impl Core {
     fn attempts(&self, offset: u64) -> u32 {
         self.state.attempts.get(&offset).map_or(0, |a| a.count)
     }
+
+    /// True if another delivery of `offset` would exceed `attempts_max`.
+    fn exhausted(&self, attempts_max: Option<u32>, offset: u64) -> bool {
+        attempts_max.is_some_and(|max| self.attempts(offset) >= max)
+    }
+
+    /// Queues `offset` for `tick` to dead-letter.
+    fn dead_letter_later(&mut self, offset: u64) {
+        if self.dead_lettering.insert(offset) {
+            self.dead_letter_due.push(offset);
+        }
+    }
 }
 
 impl Subscription {
@@ -299,6 +322,17 @@ impl Subscription {
         window_max: u64,
     ) -> Self {
         let cursor = state.settled.floor();
+        // Messages whose last allowed attempt was delivered before the
+        // restart: dead-lettered by the first tick, never delivered again.
+        let attempts_max = def.dead_letter.as_ref().map(|p| p.max_delivery_attempts);
+        let dead_letter_due: Vec<u64> = state
+            .attempts
+            .iter()
+            .filter(|(o, a)| {
+                attempts_max.is_some_and(|max| a.count >= max) && !state.settled.contains(**o)
+            })
+            .map(|(o, _)| *o)
+            .collect();
         Self {
             def: RwLock::new(def),
             topic,
@@ -311,7 +345,8 @@ impl Subscription {
                 deadlines: BTreeSet::new(),
                 ready: BTreeSet::new(),
                 ready_at: HashMap::default(),
-                dead_lettering: HashSet::default(),
+                dead_lettering: dead_letter_due.iter().copied().collect(),
+                dead_letter_due,
                 consumers: HashMap::default(),
             }),
             wake: Notify::new(),
@@ -406,6 +441,7 @@ impl Subscription {
             });
         }
         let my_id = self.id();
+        let attempts_max = self.attempts_max();
         let mut picked: Vec<Record> = Vec::new();
         let mut entries = Vec::new();
         let mut skipped = Vec::new();
@@ -437,6 +473,12 @@ impl Subscription {
                     // Released before its record was durable (the stream
                     // ended at once): it comes due again once it is.
                     break;
+                }
+                if core.exhausted(attempts_max, offset) {
+                    core.ready.remove(&(at, offset));
+                    core.ready_at.remove(&offset);
+                    core.dead_letter_later(offset);
+                    continue;
                 }
                 let record = match self.read_one(offset) {
                     Ok(Some(r)) => r,
@@ -505,7 +547,14 @@ impl Subscription {
                     if offset > core.cursor {
                         lost_ranges.push((core.cursor, offset));
                     }
-                    if core.state.settled.contains(offset) {
+                    if core.state.settled.contains(offset)
+                        || core.dead_lettering.contains(&offset)
+                    {
+                        core.cursor = offset + 1;
+                        continue;
+                    }
+                    if core.exhausted(attempts_max, offset) {
+                        core.dead_letter_later(offset);
                         core.cursor = offset + 1;
                         continue;
                     }
@@ -861,7 +910,7 @@ impl Subscription {
         now: Instant,
         to_dead_letter: &mut Vec<(u64, DeadLetterReason, String)>,
     ) {
-        if attempts_max.is_some_and(|max| core.attempts(offset) >= max) {
+        if core.exhausted(attempts_max, offset) {
             core.dead_lettering.insert(offset);
             to_dead_letter.push((offset, DeadLetterReason::AttemptsExhausted, String::new()));
         } else {
@@ -891,6 +940,9 @@ impl Subscription {
                 }
                 core.remove_lease(offset);
                 Self::fail_attempt(&mut core, attempts_max, offset, now, &mut to_dead_letter);
+            }
+            for offset in std::mem::take(&mut core.dead_letter_due) {
+                to_dead_letter.push((offset, DeadLetterReason::AttemptsExhausted, String::new()));
             }
             core.ready.first().is_some_and(|(at, _)| *at <= now)
         };
@@ -969,9 +1021,12 @@ impl Subscription {
                 core.dead_lettering.remove(o);
             }
             if let Err(e) = appended {
-                let now = Instant::now();
+                // Back to the redelivery queue, a little later: one whose
+                // attempts are exhausted is queued for dead-lettering
+                // again when it comes due, never delivered.
+                let at = Instant::now() + DEAD_LETTER_RETRY_AFTER;
                 for o in &offsets {
-                    core.schedule(*o, now);
+                    core.schedule(*o, at);
                 }
                 return Err(e.into());
             }
