@@ -314,3 +314,49 @@ async fn purge_acks_everything_published_so_far() {
     assert_eq!(text(&got[0]), "4");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn ack_ids_are_unguessable_and_valid_only_on_their_subscription() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    for s in ["a", "b"] {
+        c.create_sub_with(v1::Subscription {
+            name: s.into(),
+            topic: "t".into(),
+            ack_deadline_ms: 60_000,
+            ..Default::default()
+        })
+        .await;
+    }
+    c.publish("t", &["m0", "m1"]).await;
+    let on_a = c.pull_n("a", 2, Duration::from_secs(3)).await;
+    let on_b = c.pull_n("b", 2, Duration::from_secs(3)).await;
+    assert!(on_a.iter().all(|m| m.ack_id.len() >= 32), "opaque, long ack ids");
+    assert_ne!(on_a[0].ack_id, on_b[0].ack_id);
+
+    // A's ack ids on B, ids guessed from offsets and attempts, and an id
+    // with one character changed: all UNKNOWN, and B's leases stay.
+    let mut tampered = on_b[0].ack_id.clone().into_bytes();
+    let last = tampered.len() - 1;
+    tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+    let mut forged = ack_ids(&on_a);
+    forged.extend(["0-1".to_string(), "1-1".to_string()]);
+    forged.push(String::from_utf8(tampered).unwrap());
+    let results = c.ack("b", forged.clone()).await;
+    assert_eq!(results.len(), forged.len());
+    assert!(
+        results.iter().all(|r| r.status == v1::AckStatus::Unknown as i32),
+        "{results:?}"
+    );
+    let rejected = c.nack("b", forged, Some("guessed")).await;
+    assert!(rejected.iter().all(|r| r.status == v1::AckStatus::Unknown as i32));
+    assert!(c.dead_letters("b").await.is_empty());
+    assert_eq!(c.stats("b").await.in_flight_messages, 2);
+
+    // The real ids still work.
+    let ok = c.ack("b", ack_ids(&on_b)).await;
+    assert!(ok.iter().all(|r| r.status == v1::AckStatus::Ok as i32));
+    let ok = c.ack("a", ack_ids(&on_a)).await;
+    assert!(ok.iter().all(|r| r.status == v1::AckStatus::Ok as i32));
+}

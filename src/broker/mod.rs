@@ -8,6 +8,7 @@
 //! - subscription.rs: [`Subscription`], a cursor plus ack state over the
 //!   topic's log: leasing, acks, nacks, deadlines, dead-lettering.
 //! - dead_letter.rs: how dead letters are stored and decoded.
+//! - ack_id.rs: opaque ack ids, bound to their subscription by a keyed tag.
 //! - recovery.rs: at open, every directory is matched with its definition;
 //!   nothing unaccounted is deleted.
 //! - config.rs: settings and every limit.
@@ -15,6 +16,7 @@
 //! The broker knows nothing of gRPC: the API layer maps its types and
 //! errors to the protocol.
 
+pub mod ack_id;
 pub mod config;
 pub mod dead_letter;
 pub mod error;
@@ -25,8 +27,9 @@ pub mod topic;
 pub use config::BrokerConfig;
 pub use dead_letter::{DeadLetter, DeadLetterReason};
 pub use error::{BrokerError, Result};
+pub use ack_id::{AckId, AckKey};
 pub use subscription::{
-    AckId, AckOutcome, ConsumerId, Delivery, LeaseLimits, MessageState, Subscription,
+    AckOutcome, ConsumerId, Delivery, LeaseLimits, MessageState, Subscription,
     SubscriptionStats,
 };
 pub use topic::Topic;
@@ -130,6 +133,7 @@ struct Inner {
     fs: Arc<dyn Fs>,
     meta: MetaStore,
     journal: StateJournal,
+    ack_key: AckKey,
     topics: Arc<TopicMap>,
     subs: RwLock<HashMap<String, Arc<Subscription>>>,
     /// Serializes admin changes (create, delete, update).
@@ -154,6 +158,7 @@ impl Broker {
             .map_err(|e| StorageError::io(&dir, e))?;
         let lock = lock_data_dir(&dir)?;
         let meta = MetaStore::open(&dir.join(DIR_META))?;
+        let ack_key = AckKey::load_or_create(fs.as_ref(), &dir)?;
         let log_config = topic_log_config(&config);
         let journal_config = LogConfig {
             defer_max: Duration::from_millis(config.journal_defer_ms),
@@ -198,6 +203,7 @@ impl Broker {
                 fs,
                 meta,
                 journal,
+                ack_key,
                 topics,
                 subs: RwLock::new(HashMap::new()),
                 admin: tokio::sync::Mutex::new(()),
@@ -262,6 +268,7 @@ impl Broker {
             self.inner.journal.clone(),
             state,
             self.inner.config.unacked_window_max,
+            self.inner.ack_key.clone(),
         ));
         topic.subs.write().push(sub.clone());
         self.inner.subs.write().insert(name, sub.clone());

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
+use crate::broker::ack_id::{AckId, AckKey};
 use crate::broker::dead_letter::{
     self, DeadLetter, DeadLetterLog, DeadLetterMeta, DeadLetterReason,
 };
@@ -54,45 +55,6 @@ pub struct Delivery {
     pub ack_id: AckId,
     pub attempt: u32,
     pub record: Record,
-}
-
-/// Names one delivery of one message: its offset and attempt number.
-/// Printed as `{offset}-{attempt}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct AckId {
-    pub offset: u64,
-    pub attempt: u32,
-}
-
-impl AckId {
-    /// The wire form, `offset-attempt`. Built without the formatting
-    /// machinery: every delivery makes one.
-    pub fn encode(&self) -> String {
-        let mut digits = itoa::Buffer::new();
-        let mut s = String::with_capacity(24);
-        s.push_str(digits.format(self.offset));
-        s.push('-');
-        s.push_str(digits.format(self.attempt));
-        s
-    }
-}
-
-impl std::fmt::Display for AckId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.offset, self.attempt)
-    }
-}
-
-impl std::str::FromStr for AckId {
-    type Err = ();
-    fn from_str(s: &str) -> std::result::Result<Self, ()> {
-        let dash = s.bytes().position(|b| b == b'-').ok_or(())?;
-        let (offset, attempt) = (&s[..dash], &s[dash + 1..]);
-        Ok(AckId {
-            offset: offset.parse().map_err(|_| ())?,
-            attempt: attempt.parse().map_err(|_| ())?,
-        })
-    }
 }
 
 /// Outcome of one ack, nack or deadline change.
@@ -218,6 +180,8 @@ struct Core {
 /// One subscription. Shared by the broker, its streams and the ticker.
 #[derive(Debug)]
 pub struct Subscription {
+    /// `def.id`, which never changes, without the lock.
+    id: u64,
     def: RwLock<SubscriptionDef>,
     pub(crate) topic: Arc<Topic>,
     pub(crate) dlq: DeadLetterLog,
@@ -228,6 +192,8 @@ pub struct Subscription {
     wake: Notify,
     deleted: AtomicBool,
     window_max: u64,
+    /// Issues and checks this subscription's ack ids.
+    ack_key: AckKey,
     /// Held by redrive and purge, so two of them never pick the same dead
     /// letters.
     pub(crate) dead_letter_ops: tokio::sync::Mutex<()>,
@@ -320,6 +286,7 @@ impl Subscription {
         journal: StateJournal,
         state: SubscriptionState,
         window_max: u64,
+        ack_key: AckKey,
     ) -> Self {
         let cursor = state.settled.floor();
         // Messages whose last allowed attempt was delivered before the
@@ -334,6 +301,7 @@ impl Subscription {
             .map(|(o, _)| *o)
             .collect();
         Self {
+            id: def.id,
             def: RwLock::new(def),
             topic,
             dlq,
@@ -352,6 +320,7 @@ impl Subscription {
             wake: Notify::new(),
             deleted: AtomicBool::new(false),
             window_max,
+            ack_key,
             dead_letter_ops: tokio::sync::Mutex::new(()),
         }
     }
@@ -366,7 +335,7 @@ impl Subscription {
     }
 
     pub fn id(&self) -> u64 {
-        self.def.read().id
+        self.id
     }
 
     pub fn name(&self) -> String {
@@ -610,7 +579,7 @@ impl Subscription {
                 o.messages += 1;
                 o.bytes += bytes;
                 out.push(Delivery {
-                    ack_id: AckId { offset, attempt },
+                    ack_id: self.ack_key.issue(my_id, offset, attempt),
                     attempt,
                     record,
                 });
@@ -723,7 +692,7 @@ impl Subscription {
                     let Some(id) = id else {
                         return AckOutcome::Unknown;
                     };
-                    let outcome = Self::check_current(&core, visible, *id);
+                    let outcome = self.check_current(&core, visible, *id);
                     if outcome == AckOutcome::Ok {
                         settle.push(id.offset);
                     }
@@ -748,7 +717,11 @@ impl Subscription {
     }
 
     /// Whether `id` names the current delivery of an unsettled message.
-    fn check_current(core: &Core, visible: u64, id: AckId) -> AckOutcome {
+    fn check_current(&self, core: &Core, visible: u64, id: AckId) -> AckOutcome {
+        // Not issued by this subscription: forged, guessed, or another's.
+        if !self.ack_key.verify(self.id(), &id) {
+            return AckOutcome::Unknown;
+        }
         // Nothing not yet durable can have reached a consumer.
         if id.offset >= visible {
             return AckOutcome::Unknown;
@@ -802,7 +775,7 @@ impl Subscription {
                         );
                         AckOutcome::Ok
                     }
-                    _ => match Self::check_current(&core, visible, *id) {
+                    _ => match self.check_current(&core, visible, *id) {
                         // Not leased any more: too late to extend.
                         AckOutcome::Ok => AckOutcome::Stale,
                         other => other,
@@ -831,7 +804,7 @@ impl Subscription {
                     let Some(id) = id else {
                         return AckOutcome::Unknown;
                     };
-                    let outcome = Self::check_current(&core, visible, *id);
+                    let outcome = self.check_current(&core, visible, *id);
                     if outcome != AckOutcome::Ok {
                         return outcome;
                     }
@@ -1382,34 +1355,6 @@ mod tests {
         assert_eq!(backoff_ms(10, 100, 4), 80);
         assert_eq!(backoff_ms(10, 100, 5), 100);
         assert_eq!(backoff_ms(10, 100, 1000), 100);
-    }
-
-    #[test]
-    fn ack_ids_round_trip() {
-        let id = AckId {
-            offset: 12,
-            attempt: 3,
-        };
-        assert_eq!(id.to_string().parse::<AckId>(), Ok(id));
-        for id in [
-            id,
-            AckId {
-                offset: 0,
-                attempt: 1,
-            },
-            AckId {
-                offset: u64::MAX,
-                attempt: u32::MAX,
-            },
-        ] {
-            assert_eq!(id.encode(), id.to_string());
-            assert_eq!(id.encode().parse::<AckId>(), Ok(id));
-        }
-        assert!("12".parse::<AckId>().is_err());
-        assert!("a-b".parse::<AckId>().is_err());
-        assert!("12-".parse::<AckId>().is_err());
-        assert!("-3".parse::<AckId>().is_err());
-        assert!("1-2-3".parse::<AckId>().is_err());
     }
 
     #[test]
