@@ -354,7 +354,7 @@ async fn records_that_cannot_be_framed_are_refused_before_any_write() {
 }
 
 #[tokio::test]
-async fn a_failed_fsync_fails_the_append_and_every_later_one() {
+async fn a_failed_fsync_fails_the_append_and_the_log_recovers_once_syncs_work() {
     let fs = SimFs::new();
     let log = open(Arc::new(fs.clone()), Path::new("/d"), small_config());
     log.append(&[rec("before")]).await.unwrap();
@@ -363,16 +363,101 @@ async fn a_failed_fsync_fails_the_append_and_every_later_one() {
         log.append(&[rec("lost")]).await,
         Err(courier::storage::StorageError::Io { .. })
     ));
-    // After a failed fsync the page cache cannot be trusted: even once the
-    // disk "recovers", the log refuses appends and readers never saw the
-    // unsynced record.
-    fs.set_fail_syncs(false);
+    // The rewind after the failed sync cannot sync either: the log refuses
+    // appends while the disk is broken, and readers never saw "lost".
     assert!(matches!(
-        log.append(&[rec("after")]).await,
+        log.append(&[rec("refused")]).await,
         Err(courier::storage::StorageError::Failed { .. })
     ));
     assert_eq!(log.next_offset(), Offset(1));
     assert_eq!(read_all(&log), vec![(0, "before".to_string())]);
+    // Once syncs work again the writer's retry rewinds the log to its last
+    // synced state and appends are accepted, at the next offset.
+    fs.set_fail_syncs(false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let appended = loop {
+        match log.append(&[rec("after")]).await {
+            Ok(a) => break a,
+            Err(courier::storage::StorageError::Failed { .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no recovery: {e}"),
+        }
+    };
+    assert_eq!(appended.base_offset, Offset(1));
+    log.close();
+    fs.power_loss();
+    let log = open(Arc::new(fs.clone()), Path::new("/d"), small_config());
+    assert_eq!(
+        read_all(&log),
+        vec![(0, "before".to_string()), (1, "after".to_string())]
+    );
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_the_whole_batch_leaves_no_trace_and_passes() {
+    let fs = SimFs::new();
+    let log = open(Arc::new(fs.clone()), Path::new("/d"), small_config());
+    log.append(&[rec("before")]).await.unwrap();
+    // Room for part of the next batch only: the write is torn by ENOSPC.
+    fs.set_space_left(Some(100));
+    let big: Vec<NewRecord> = (0..8).map(|i| rec(&format!("batch-{i}-{}", "x".repeat(40)))).collect();
+    let err = log.append(&big).await.unwrap_err();
+    assert!(
+        matches!(&err, courier::storage::StorageError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC)),
+        "{err}"
+    );
+    assert_eq!(log.next_offset(), Offset(1));
+    assert_eq!(read_all(&log), vec![(0, "before".to_string())]);
+    // Still full: still a clean error, not a broken log.
+    assert!(log.append(&big).await.is_err());
+    // Space comes back: the next append succeeds at the next offset,
+    // without reopening anything.
+    fs.set_space_left(None);
+    let appended = log.append(&[rec("after")]).await.unwrap();
+    assert_eq!(appended.base_offset, Offset(1));
+    // Nothing of the failed batch survives a crash either (all or nothing).
+    log.close();
+    fs.power_loss();
+    let log = open(Arc::new(fs.clone()), Path::new("/d"), small_config());
+    assert_eq!(
+        read_all(&log),
+        vec![(0, "before".to_string()), (1, "after".to_string())]
+    );
+}
+
+#[tokio::test]
+async fn a_full_disk_during_a_roll_fails_the_batch_and_the_log_carries_on() {
+    let fs = SimFs::new();
+    let config = LogConfig {
+        segment_bytes_max: 512,
+        ..small_config()
+    };
+    let log = open(Arc::new(fs.clone()), Path::new("/d"), config.clone());
+    let mut expected = Vec::new();
+    for i in 0..6u64 {
+        let payload = format!("m{i}-{}", "y".repeat(60));
+        log.append(&[rec(&payload)]).await.unwrap();
+        expected.push((i, payload));
+    }
+    // Rolls need a new segment and an index file: no room for them.
+    fs.set_space_left(Some(10));
+    for _ in 0..20 {
+        let _ = log.append(&[rec(&"z".repeat(200))]).await;
+    }
+    fs.set_space_left(None);
+    let next = log.next_offset().0;
+    assert_eq!(next, 6, "failed appends took no offsets");
+    let payload = format!("after-{}", "w".repeat(200));
+    log.append(&[rec(&payload)]).await.unwrap();
+    expected.push((6, payload));
+    assert_eq!(read_all(&log), expected);
+    log.close();
+    fs.power_loss();
+    let log = open(Arc::new(fs.clone()), Path::new("/d"), config);
+    assert_eq!(read_all(&log), expected);
 }
 
 fn deferring(defer_max: std::time::Duration) -> LogConfig {

@@ -20,7 +20,9 @@ pub fn to_status(err: BrokerError) -> Status {
 
 fn storage_status(err: StorageError) -> Status {
     let code = match &err {
-        StorageError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+        StorageError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+        {
             Code::ResourceExhausted
         }
         StorageError::Io { .. }
@@ -28,7 +30,7 @@ fn storage_status(err: StorageError) -> Status {
         | StorageError::Format { .. }
         | StorageError::Metadata(_) => Code::Internal,
         StorageError::Corrupt { .. } => Code::DataLoss,
-        StorageError::Closed { .. } => Code::Unavailable,
+        StorageError::Closed { .. } | StorageError::Rewound { .. } => Code::Unavailable,
         StorageError::TooLarge { .. } | StorageError::EmptyBatch => Code::InvalidArgument,
         StorageError::Locked { .. } => Code::FailedPrecondition,
         StorageError::NotFound { .. } => Code::NotFound,

@@ -195,7 +195,7 @@ impl Broker {
             let name = def.name.clone();
             topics.write().insert(
                 name,
-                Arc::new(Topic::new(def, log, Arc::downgrade(&topics))),
+                Topic::new(def, log, Arc::downgrade(&topics)),
             );
         }
         let broker = Broker {
@@ -397,7 +397,7 @@ impl Broker {
             Ok(log)
         })
         .await?;
-        let topic = Arc::new(Topic::new(def, log, Arc::downgrade(&self.inner.topics)));
+        let topic = Topic::new(def, log, Arc::downgrade(&self.inner.topics));
         self.inner
             .topics
             .write()
@@ -467,7 +467,7 @@ impl Broker {
                 )?;
                 self.inner.topics.write().insert(
                     name.to_string(),
-                    Arc::new(Topic::new(def, log, Arc::downgrade(&self.inner.topics))),
+                    Topic::new(def, log, Arc::downgrade(&self.inner.topics)),
                 );
                 return Err(e);
             }

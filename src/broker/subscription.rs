@@ -78,6 +78,8 @@ pub struct Leased {
     /// the deliveries may go out.
     topic: Log,
     topic_until: Offset,
+    /// `Log::rewinds` of the topic when the records were read.
+    topic_rewinds: u64,
 }
 
 impl Leased {
@@ -95,7 +97,9 @@ impl Leased {
         if let Some(ticket) = self.ticket {
             ticket.wait().await?;
         }
-        self.topic.wait_visible(self.topic_until).await?;
+        self.topic
+            .wait_visible_since(self.topic_until, self.topic_rewinds)
+            .await?;
         Ok(self.deliveries)
     }
 }
@@ -351,6 +355,27 @@ impl Subscription {
         self.wake.notify_waiters();
     }
 
+    /// The topic's log was rewound to `end` after a failed write: forget
+    /// every lease, redelivery and attempt count at or past it (like
+    /// recovery after a lost tail), so the offsets start clean when new
+    /// messages get them. Nothing at those offsets was ever sent.
+    pub(crate) fn forget_from(&self, end: Offset) {
+        let mut core = self.core.lock();
+        let doomed: Vec<u64> = core.leases.keys().copied().filter(|o| *o >= end.0).collect();
+        for o in doomed {
+            core.remove_lease(o);
+        }
+        let stale: Vec<(Instant, u64)> = core.ready.iter().copied().filter(|(_, o)| *o >= end.0).collect();
+        for (at, o) in stale {
+            core.ready.remove(&(at, o));
+            core.ready_at.remove(&o);
+        }
+        core.dead_lettering.retain(|o| *o < end.0);
+        core.dead_letter_due.retain(|o| *o < end.0);
+        core.state.truncate_at(end);
+        core.cursor = core.cursor.min(end.0.max(core.state.settled.floor()));
+    }
+
     /// Undoes `mark_deleted` (the deletion failed).
     pub(crate) fn unmark_deleted(&self) {
         self.deleted.store(false, Ordering::Release);
@@ -419,9 +444,11 @@ impl Subscription {
         // delivered, so nothing leased), kept as ranges however long.
         let mut lost = Vec::new();
         let mut lost_ranges: Vec<(u64, u64)> = Vec::new();
-        let (deliveries, ticket) = {
+        let (deliveries, ticket, topic_rewinds) = {
             let visible = self.topic.log.next_offset().0;
             let mut core = self.core.lock();
+            // Read before any record: a rewind after this voids them.
+            let topic_rewinds = self.topic.log.rewinds();
             let now = Instant::now();
             let now_us = now_us();
             let mut bytes = 0u64;
@@ -611,7 +638,7 @@ impl Subscription {
             } else {
                 Some(self.journal.enqueue(self.id(), &entries)?)
             };
-            (out, ticket)
+            (out, ticket, topic_rewinds)
         };
         let lost_count = lost.len() as u64 + lost_ranges.iter().map(|(s, e)| e - s).sum::<u64>();
         if lost_count > 0 {
@@ -629,6 +656,7 @@ impl Subscription {
             ticket,
             topic: self.topic.log.clone(),
             topic_until,
+            topic_rewinds,
         })
     }
 

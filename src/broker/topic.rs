@@ -23,13 +23,24 @@ pub struct Topic {
 }
 
 impl Topic {
-    pub(crate) fn new(def: TopicDef, log: Log, all: Weak<TopicMap>) -> Self {
-        Self {
+    /// A topic over `log`. Its subscriptions hear of every rewind of the
+    /// log (a failed write cut its tail) before the offsets are reused.
+    pub(crate) fn new(def: TopicDef, log: Log, all: Weak<TopicMap>) -> Arc<Self> {
+        let topic = Arc::new(Self {
             def,
             log,
             subs: RwLock::new(Vec::new()),
             all,
-        }
+        });
+        let weak = Arc::downgrade(&topic);
+        topic.log.on_rewind(Arc::new(move |end| {
+            if let Some(topic) = weak.upgrade() {
+                for sub in topic.subscriptions() {
+                    sub.forget_from(end);
+                }
+            }
+        }));
+        topic
     }
 
     pub fn def(&self) -> &TopicDef {

@@ -34,10 +34,14 @@ pub enum StorageError {
     /// A file header or index did not have the expected format or version.
     #[error("bad format in {path}: {detail}")]
     Format { path: PathBuf, detail: String },
-    /// A write or sync failed earlier; after a failed fsync the page cache
-    /// can no longer be trusted, so the log refuses further appends.
-    #[error("log {path} is failed after an earlier I/O error: {cause}")]
+    /// A write or sync failed and the log could not be rewound to its last
+    /// synced state; it refuses appends until a retried rewind works.
+    #[error("log {path} cannot write after an I/O error ({cause}); retrying its recovery")]
     Failed { path: PathBuf, cause: String },
+    /// The log was rewound after a failed write or sync: records read
+    /// before are no longer part of it.
+    #[error("log {path} was rewound after a failed write; retry")]
+    Rewound { path: PathBuf },
     /// The log is closed (shutting down or deleted).
     #[error("log {path} is closed")]
     Closed { path: PathBuf },

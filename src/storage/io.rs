@@ -170,6 +170,9 @@ struct SimState {
     syncs: u64,
     /// When set, every sync_data fails (a failpoint for error paths).
     fail_syncs: bool,
+    /// When set, the bytes files may still grow by: a write past it writes
+    /// what fits and fails with ENOSPC (a full disk).
+    space_left: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -201,13 +204,31 @@ impl File for SimFile {
         Ok(n)
     }
     fn write_at(&self, bytes: &[u8], pos: u64) -> io::Result<()> {
+        let mut state = self.fs.lock();
         let mut data = self.inode.data.lock();
         let pos = usize::try_from(pos).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let mut bytes = bytes;
+        let mut full = false;
+        if let Some(left) = state.space_left.as_mut() {
+            let growth = (pos + bytes.len()).saturating_sub(data.cached.len().max(pos));
+            let room = usize::try_from(*left).unwrap_or(usize::MAX);
+            if growth > room {
+                // Like a real disk: the part that fits is written.
+                let fits = bytes.len() - (growth - room);
+                bytes = &bytes[..fits];
+                full = true;
+            }
+            let grown = (pos + bytes.len()).saturating_sub(data.cached.len().max(pos));
+            *left -= grown as u64;
+        }
         let end = pos + bytes.len();
         if data.cached.len() < end {
             data.cached.resize(end, 0);
         }
         data.cached[pos..end].copy_from_slice(bytes);
+        if full {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         Ok(())
     }
     fn len(&self) -> io::Result<u64> {
@@ -228,7 +249,12 @@ impl File for SimFile {
     }
     fn truncate(&self, len: u64) -> io::Result<()> {
         let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
-        self.inode.data.lock().cached.resize(len, 0);
+        let mut state = self.fs.lock();
+        let mut data = self.inode.data.lock();
+        if let Some(left) = state.space_left.as_mut() {
+            *left += data.cached.len().saturating_sub(len) as u64;
+        }
+        data.cached.resize(len, 0);
         Ok(())
     }
 }
@@ -254,6 +280,12 @@ impl SimFs {
             let mut data = inode.data.lock();
             data.cached = data.durable.clone();
         }
+    }
+
+    /// Limits how many more bytes files may grow by (`None`: unlimited); a
+    /// write past the limit writes what fits and fails with ENOSPC.
+    pub fn set_space_left(&self, bytes: Option<u64>) {
+        self.inner.lock().space_left = bytes;
     }
 
     /// Makes every later `sync_data` fail (or succeed again).

@@ -14,8 +14,18 @@
 //!    shares the next one), and only then completes the appends and moves
 //!    the visible offset. In `interval` mode appends complete after the write
 //!    and the writer syncs every interval; in `never` mode it never syncs.
-//! 4. A failed write or sync fails every waiting append and the log: after a
-//!    failed fsync the page cache can no longer be trusted to match the disk.
+//! 4. A failed write or sync fails every append queued at that moment and
+//!    **rewinds** the log: segments made by this write are removed, the
+//!    active segment is truncated back (to before the write after a failed
+//!    write; to the last successful fdatasync after a failed sync, since the
+//!    page cache can no longer be trusted to match the disk) and synced,
+//!    and offsets are handed out again from there. So a failed append
+//!    leaves nothing behind that could ever be read or recovered: a batch
+//!    is durable as a whole or not at all. A full disk is an error that
+//!    passes: the next append succeeds once there is room. Only if the
+//!    rewind itself fails is the log **failed**; the writer retries the
+//!    rewind every `RECOVER_EVERY` and accepts appends again once it works.
+//!    Readers learn of a rewind through [`Log::rewinds`].
 //!
 //! Readers see records below the visible offset only, so under `always` a
 //! reader never observes a record a crash could take back. Recent records
@@ -39,6 +49,9 @@ use crate::storage::segment::{
     self, IndexBuilder, IndexEntry, SEGMENT_HEADER_BYTES, index_file_name, segment_file_name,
 };
 use crate::storage::{FsyncMode, Offset};
+
+/// How often a failed log tries to rewind to its last synced state again.
+const RECOVER_EVERY: Duration = Duration::from_secs(1);
 
 /// Settings of one log.
 #[derive(Debug, Clone)]
@@ -225,11 +238,53 @@ struct Shared {
     cache: RwLock<VecDeque<CacheChunk>>,
     cache_bytes: AtomicU64,
     space: Arc<Semaphore>,
+    /// The log's state as of its last successful fdatasync: what a failed
+    /// sync rewinds to.
+    synced: Mutex<Mark>,
+    /// How many times the log was rewound (see the module docs).
+    rewinds: AtomicU64,
+    /// Told of every rewind, with the offset the log went back to, before
+    /// any record is written at that offset again.
+    rewind_listener: Mutex<ListenerSlot>,
     /// Held while taking pending batches and writing them, so batches reach
     /// the file in offset order whoever writes them: the writer thread, or
     /// under `never` an appender that finds the log idle
     /// ([`Log::write_inline`]).
     write_lock: Mutex<()>,
+}
+
+/// Called with the offset a log was rewound to; see [`Log::on_rewind`].
+pub type RewindListener = Arc<dyn Fn(Offset) + Send + Sync>;
+
+struct ListenerSlot(Option<RewindListener>);
+
+impl std::fmt::Debug for ListenerSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+    }
+}
+
+/// A point of the log to rewind to: the active segment's state then.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    /// Segments in the log (the active one is the last).
+    segments: usize,
+    len: u64,
+    next: Offset,
+    index_entries: usize,
+    max_time_us: u64,
+}
+
+impl Mark {
+    fn of(segments: usize, st: &SegmentState) -> Mark {
+        Mark {
+            segments,
+            len: st.len,
+            next: st.next,
+            index_entries: st.index.entries.len(),
+            max_time_us: st.max_time_us,
+        }
+    }
 }
 
 /// An append-only segmented log. Cloning is cheap and shares the log.
@@ -317,6 +372,8 @@ impl Log {
         }
         let active = segments.last().expect("at least one segment");
         let next = active.state.read().next;
+        // What recovery found is what the disk holds.
+        let synced = Mark::of(segments.len(), &active.state.read());
         let last_time_us = segments
             .iter()
             .map(|s| s.state.read().max_time_us)
@@ -344,6 +401,9 @@ impl Log {
             cache: RwLock::new(VecDeque::new()),
             cache_bytes: AtomicU64::new(0),
             space: Arc::new(Semaphore::new(pending_bytes)),
+            synced: Mutex::new(synced),
+            rewinds: AtomicU64::new(0),
+            rewind_listener: Mutex::new(ListenerSlot(None)),
             write_lock: Mutex::new(()),
             config,
         });
@@ -558,6 +618,64 @@ impl Log {
         self.shared.written_tx.subscribe()
     }
 
+    /// How many times this log was rewound after a failed write or sync.
+    /// A reader that read records (with [`Log::read_written`]) when this
+    /// was `n` must not use them if it is no longer `n`.
+    pub fn rewinds(&self) -> u64 {
+        self.shared.rewinds.load(Ordering::Acquire)
+    }
+
+    /// Sets the function told of every rewind (the offset the log went back
+    /// to), called on the writer's thread before anything is written at
+    /// that offset again. It must not append to this log.
+    pub fn on_rewind(&self, listener: RewindListener) {
+        self.shared.rewind_listener.lock().0 = Some(listener);
+    }
+
+    /// Like [`Log::wait_visible`] for records read when [`Log::rewinds`]
+    /// was `rewinds`.
+    ///
+    /// # Errors
+    /// As `wait_visible`, and `Rewound` if the log was rewound since.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only waits.
+    pub async fn wait_visible_since(&self, next: Offset, rewinds: u64) -> Result<()> {
+        let mut rx = self.shared.visible_tx.subscribe();
+        loop {
+            if self.rewinds() != rewinds {
+                return Err(StorageError::Rewound {
+                    path: self.shared.dir.clone(),
+                });
+            }
+            if self.next_offset() >= next {
+                return Ok(());
+            }
+            self.check_waitable(next)?;
+            if rx.changed().await.is_err() {
+                return Err(StorageError::Closed {
+                    path: self.shared.dir.clone(),
+                });
+            }
+        }
+    }
+
+    fn check_waitable(&self, next: Offset) -> Result<()> {
+        let pending = self.shared.pending.lock();
+        if let Some(cause) = &pending.failed {
+            return Err(StorageError::Failed {
+                path: self.shared.dir.clone(),
+                cause: cause.clone(),
+            });
+        }
+        if pending.closed && pending.batches.is_empty() && self.next_offset() < next {
+            return Err(StorageError::Closed {
+                path: self.shared.dir.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// Waits until every record below `next` is visible (durable under the
     /// fsync mode).
     ///
@@ -573,20 +691,7 @@ impl Log {
             if self.next_offset() >= next {
                 return Ok(());
             }
-            {
-                let pending = self.shared.pending.lock();
-                if let Some(cause) = &pending.failed {
-                    return Err(StorageError::Failed {
-                        path: self.shared.dir.clone(),
-                        cause: cause.clone(),
-                    });
-                }
-                if pending.closed && pending.batches.is_empty() && self.next_offset() < next {
-                    return Err(StorageError::Closed {
-                        path: self.shared.dir.clone(),
-                    });
-                }
-            }
+            self.check_waitable(next)?;
             if rx.changed().await.is_err() {
                 return Err(StorageError::Closed {
                     path: self.shared.dir.clone(),
@@ -871,6 +976,127 @@ impl Shared {
         self.cache_bytes.store(bytes, Ordering::Relaxed);
     }
 
+    /// The log's state now.
+    fn mark(&self) -> Mark {
+        let segments = self.segments.read();
+        Mark::of(
+            segments.len(),
+            &segments.last().expect("an active segment").state.read(),
+        )
+    }
+
+    /// Fails `batches` and everything queued behind them with `err`, and
+    /// rewinds the log to `to`. Returns false if the rewind failed too (the
+    /// log is then failed until [`Shared::recover`] works).
+    fn rewind(&self, to: Mark, err: &StorageError, batches: Vec<PendingBatch>) -> bool {
+        for batch in batches {
+            let _ = batch.done.send(Err(err.clone()));
+        }
+        {
+            let mut pending = self.pending.lock();
+            for batch in pending.batches.drain(..) {
+                let _ = batch.done.send(Err(err.clone()));
+            }
+            pending.buf.clear();
+            pending.urgent = false;
+            pending.deferred_since = None;
+            // Offsets of the failed batches are handed out again.
+            pending.next_offset = to.next;
+        }
+        match self.undo_to(to) {
+            Ok(()) => true,
+            Err(undo) => {
+                tracing::error!(dir = %self.dir.display(), error = %undo, "cannot rewind the log; it refuses appends until a rewind works");
+                self.fail(&undo);
+                false
+            }
+        }
+    }
+
+    /// Cuts the files back to `to` and syncs them, then moves the written
+    /// and visible offsets back and tells readers (`rewinds`).
+    fn undo_to(&self, to: Mark) -> Result<()> {
+        let extra: Vec<Arc<Segment>> = {
+            let mut segments = self.segments.write();
+            let keep = to.segments.min(segments.len());
+            segments.drain(keep..).collect()
+        };
+        let active = self.active();
+        let io = |e| StorageError::io(&active.path, e);
+        if !extra.is_empty() {
+            for seg in &extra {
+                let _ = self.fs.remove_file(&self.dir.join(index_file_name(seg.base)));
+                if let Err(e) = self.fs.remove_file(&seg.path) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        // Keep the list whole: the next try removes it.
+                        let mut segments = self.segments.write();
+                        segments.extend(extra.iter().cloned());
+                        return Err(StorageError::io(&seg.path, e));
+                    }
+                }
+            }
+            // The roll sealed the segment that is active again.
+            let _ = self.fs.remove_file(&self.dir.join(index_file_name(active.base)));
+            self.fs
+                .sync_dir(&self.dir)
+                .map_err(|e| StorageError::io(&self.dir, e))?;
+        }
+        active.file.truncate(to.len).map_err(io)?;
+        active.file.sync_data().map_err(io)?;
+        {
+            let mut st = active.state.write();
+            st.len = to.len;
+            st.next = to.next;
+            st.index.truncate(to.index_entries);
+            st.max_time_us = to.max_time_us;
+        }
+        *self.synced.lock() = to;
+        {
+            let mut cache = self.cache.write();
+            while cache.back().is_some_and(|c| c.next > to.next) {
+                cache.pop_back();
+            }
+            let bytes = cache.iter().map(|c| c.data.len() as u64).sum();
+            self.cache_bytes.store(bytes, Ordering::Relaxed);
+        }
+        self.rewinds.fetch_add(1, Ordering::AcqRel);
+        // Still under the write lock: nothing is written at `to.next` before
+        // the listener has forgotten what it knew about those offsets.
+        let listener = self.rewind_listener.lock().0.clone();
+        if let Some(listener) = listener {
+            listener(to.next);
+        }
+        if self.written_next.load(Ordering::Acquire) > to.next.0 {
+            self.written_next.store(to.next.0, Ordering::Release);
+            self.written_tx.send_replace(to.next);
+        }
+        if self.visible_next.load(Ordering::Acquire) > to.next.0 {
+            self.visible_next.store(to.next.0, Ordering::Release);
+        }
+        // Wake everyone waiting for visibility: it will not come for the
+        // offsets that were cut.
+        self.visible_tx.send_modify(|_| {});
+        Ok(())
+    }
+
+    /// A failed log tries its rewind again; on success it takes appends.
+    fn recover(&self) -> bool {
+        let to = *self.synced.lock();
+        match self.undo_to(to) {
+            Ok(()) => {
+                let mut pending = self.pending.lock();
+                pending.failed = None;
+                pending.next_offset = to.next;
+                tracing::warn!(dir = %self.dir.display(), next = %to.next, "log recovered: rewound to its last synced state, appends accepted again");
+                true
+            }
+            Err(e) => {
+                tracing::debug!(dir = %self.dir.display(), error = %e, "log still cannot be rewound");
+                false
+            }
+        }
+    }
+
     fn fail(&self, err: &StorageError) {
         {
             let mut pending = self.pending.lock();
@@ -890,11 +1116,16 @@ fn create_segment(fs: &dyn Fs, dir: &Path, base: Offset, config: &LogConfig) -> 
     let file = fs
         .open(&path, OpenMode::CreateTruncate)
         .map_err(|e| StorageError::io(&path, e))?;
-    file.write_at(&segment::encode_header(base), 0)
-        .map_err(|e| StorageError::io(&path, e))?;
     // Synced in every mode: once per segment costs nothing, and it keeps a
     // power loss from leaving a headerless segment in the middle of a log.
-    file.sync_data().map_err(|e| StorageError::io(&path, e))?;
+    let written = file
+        .write_at(&segment::encode_header(base), 0)
+        .and_then(|()| file.sync_data());
+    if let Err(e) = written {
+        // A full disk: leave no headerless file behind.
+        let _ = fs.remove_file(&path);
+        return Err(StorageError::io(&path, e));
+    }
     Ok(Segment {
         base,
         path,
@@ -1208,7 +1439,17 @@ fn writer_loop(shared: &Shared) {
                 }
             }
             if pending.failed.is_some() {
-                return;
+                if pending.closed {
+                    return;
+                }
+                shared.wake.wait_for(&mut pending, RECOVER_EVERY);
+                if pending.failed.is_none() || pending.closed {
+                    continue;
+                }
+                drop(pending);
+                let _writing = shared.write_lock.lock();
+                shared.recover();
+                continue;
             }
             if pending.batches.is_empty() && pending.closed {
                 drop(pending);
@@ -1233,10 +1474,11 @@ fn writer_loop(shared: &Shared) {
                 }
                 let sync = shared.config.fsync == FsyncMode::Always
                     || interval.is_some_and(|every| last_sync.elapsed() >= every);
-                if !complete_write(shared, buf, batches, roll, sync) {
-                    return;
-                }
+                let written = complete_write(shared, buf, batches, roll, sync);
                 drop(writing);
+                if !written {
+                    continue; // failed: the loop above retries the rewind
+                }
                 if sync {
                     unsynced = false;
                     last_sync = Instant::now();
@@ -1249,8 +1491,12 @@ fn writer_loop(shared: &Shared) {
         // Interval sync with nothing new queued.
         let _writing = shared.write_lock.lock();
         if let Err(e) = shared.active().file.sync_data() {
-            shared.fail(&StorageError::io(&shared.dir, e));
-            return;
+            let err = StorageError::io(&shared.active().path, e);
+            tracing::error!(error = %err, "fdatasync failed; rewinding to the last successful one");
+            let synced = *shared.synced.lock();
+            shared.rewind(synced, &err, Vec::new());
+        } else {
+            *shared.synced.lock() = shared.mark();
         }
         unsynced = false;
         last_sync = Instant::now();
@@ -1258,8 +1504,9 @@ fn writer_loop(shared: &Shared) {
 }
 
 /// Writes taken batches, syncs them if `sync`, makes them visible and
-/// completes them. Returns false if the log failed. The caller holds the
-/// write lock.
+/// completes them. On a failed write or sync the batches fail and the log
+/// rewinds (see the module docs). Returns false if the log is failed. The
+/// caller holds the write lock.
 fn complete_write(
     shared: &Shared,
     buf: Bytes,
@@ -1267,18 +1514,10 @@ fn complete_write(
     roll: bool,
     sync: bool,
 ) -> bool {
-    // Marks the log failed before anyone hears of the error, so an append
-    // made in reaction to it sees `Failed`.
-    let fail = |err: StorageError, batches: Vec<PendingBatch>| {
-        shared.fail(&err);
-        for batch in batches {
-            let _ = batch.done.send(Err(err.clone()));
-        }
-        false
-    };
+    let before = shared.mark();
     if let Err(err) = write_batches(shared, &buf, &batches, roll) {
-        tracing::error!(dir = %shared.dir.display(), error = %err, "log write failed; the log is now failed");
-        return fail(err, batches);
+        tracing::error!(dir = %shared.dir.display(), error = %err, "log write failed; rewinding to before it");
+        return shared.rewind(before, &err, batches);
     }
     let last = batches.last().expect("non-empty").appended.last_offset;
     let first = batches[0].appended.base_offset;
@@ -1288,9 +1527,11 @@ fn complete_write(
     if sync {
         if let Err(e) = shared.active().file.sync_data() {
             let err = StorageError::io(&shared.active().path, e);
-            tracing::error!(error = %err, "fdatasync failed; the log is now failed");
-            return fail(err, batches);
+            tracing::error!(error = %err, "fdatasync failed; rewinding to the last successful one");
+            let synced = *shared.synced.lock();
+            return shared.rewind(synced, &err, batches);
         }
+        *shared.synced.lock() = shared.mark();
     }
     shared.visible_next.store(last.0 + 1, Ordering::Release);
     shared.visible_tx.send_replace(Offset(last.0 + 1));
@@ -1389,6 +1630,12 @@ fn roll_segment(shared: &Shared, active: &Segment, next: Offset) -> Result<()> {
         let mut st = active.state.write();
         st.index.entries.shrink_to_fit();
     }
-    shared.segments.write().push(Arc::new(seg));
+    let fresh = {
+        let mut segments = shared.segments.write();
+        segments.push(Arc::new(seg));
+        Mark::of(segments.len(), &segments.last().expect("just pushed").state.read())
+    };
+    // Everything before the new segment is synced, and so is its header.
+    *shared.synced.lock() = fresh;
     Ok(())
 }

@@ -125,6 +125,12 @@ impl IndexBuilder {
         }
     }
 
+    /// Keeps only the first `entries` entries (a write was undone).
+    pub fn truncate(&mut self, entries: usize) {
+        self.entries.truncate(entries);
+        self.last_pos = self.entries.last().map(|e| u64::from(e.pos));
+    }
+
     /// Notes a record at `pos`; adds an entry if the interval has passed.
     pub fn observe(&mut self, base: Offset, offset: Offset, pos: u64, time_us: u64) {
         let due = match self.last_pos {
