@@ -21,6 +21,9 @@ use crate::client::{HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES};
 /// Rust client's.
 const GRPC_MESSAGE_BYTES_MAX: usize = crate::client::GRPC_MESSAGE_BYTES_MAX;
 
+/// How often the health service re-checks that every log can write.
+const HEALTH_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What `courier serve` runs.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -79,6 +82,35 @@ pub async fn run(
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
 
+    // Health follows the logs: NOT_SERVING while any log cannot write (a
+    // full disk, an I/O error), SERVING again once it writes.
+    let watched = broker.clone();
+    let reporter = health.clone();
+    let health_watch = tokio::spawn(async move {
+        let mut was_ok = true;
+        loop {
+            tokio::time::sleep(HEALTH_CHECK_EVERY).await;
+            if watched.is_shutting_down() {
+                return;
+            }
+            let problems = watched.write_problems();
+            let ok = problems.is_empty();
+            if ok != was_ok {
+                let status = if ok {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tracing::error!(problems = ?problems, "health: NOT_SERVING while logs cannot write");
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter.set_service_status("", status).await;
+                if ok {
+                    tracing::info!("health: SERVING again");
+                }
+                was_ok = ok;
+            }
+        }
+    });
+
     let signal_broker = broker.clone();
     let stop = async move {
         shutdown.await;
@@ -100,6 +132,7 @@ pub async fn run(
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming, stop)
         .await;
+    health_watch.abort();
     broker.close();
     served.context("gRPC server failed")?;
     tracing::info!("shut down cleanly");

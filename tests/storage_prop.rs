@@ -693,6 +693,13 @@ impl File for KillableFile {
         }
         self.inner.truncate(len)
     }
+    fn reserve(&self, len: u64) -> io::Result<()> {
+        let dead = self.gate.read().unwrap();
+        if *dead {
+            return Err(dead_err());
+        }
+        self.inner.reserve(len)
+    }
 }
 
 impl Fs for KillableFs {

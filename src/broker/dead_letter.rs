@@ -93,6 +93,11 @@ impl DeadLetterLog {
             .map_or(Offset(0), Log::next_offset)
     }
 
+    /// Why the log cannot write, if it is open and cannot.
+    pub fn write_problem(&self) -> Option<String> {
+        self.log.lock().log.as_ref().and_then(Log::write_problem)
+    }
+
     /// Closes the log if it is open; it stays closed until `reopen`.
     pub fn close(&self) {
         let mut slot = self.log.lock();

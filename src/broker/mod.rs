@@ -162,6 +162,8 @@ impl Broker {
         let log_config = topic_log_config(&config);
         let journal_config = LogConfig {
             defer_max: Duration::from_millis(config.journal_defer_ms),
+            // Acks free space: they must not fail when topics fill the disk.
+            preallocate: true,
             ..log_config.clone()
         };
         let (journal, mut states) =
@@ -1000,6 +1002,26 @@ impl Broker {
             subscriptions: u32::try_from(self.inner.subs.read().len()).unwrap_or(u32::MAX),
             fsync: self.inner.config.fsync.to_string(),
         }
+    }
+
+    /// Logs that cannot write now, each with why: their last write or
+    /// sync failed and none succeeded since. Empty when healthy.
+    pub fn write_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(p) = self.inner.journal.write_problem() {
+            out.push(format!("state journal: {p}"));
+        }
+        for topic in self.topics() {
+            if let Some(p) = topic.log.write_problem() {
+                out.push(format!("topic {:?}: {p}", topic.name()));
+            }
+        }
+        for sub in self.inner.subs.read().values() {
+            if let Some(p) = sub.dlq.write_problem() {
+                out.push(format!("dead letters of {:?}: {p}", sub.name()));
+            }
+        }
+        out
     }
 
     pub fn is_shutting_down(&self) -> bool {

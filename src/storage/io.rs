@@ -35,6 +35,11 @@ pub trait File: Send + Sync + std::fmt::Debug {
     fn sync_data(&self) -> io::Result<()>;
     /// Cuts the file to `len` bytes.
     fn truncate(&self, len: u64) -> io::Result<()>;
+    /// Reserves disk space for the first `len` bytes without changing the
+    /// file's length (fallocate with KEEP_SIZE), so later writes there
+    /// cannot fail for want of space. A file system without it is not an
+    /// error: nothing is reserved.
+    fn reserve(&self, len: u64) -> io::Result<()>;
 
     /// Reads exactly `buf.len()` bytes at `pos` or fails with `UnexpectedEof`.
     fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()> {
@@ -97,6 +102,20 @@ impl File for OsFile {
     }
     fn truncate(&self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
+    }
+    fn reserve(&self, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let len = libc::off_t::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: a valid open descriptor; fallocate has no memory effects.
+        let rc = unsafe { libc::fallocate(self.0.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP | libc::ENOSYS) => Ok(()),
+            _ => Err(err),
+        }
     }
 }
 
@@ -245,6 +264,17 @@ impl File for SimFile {
         // Lock order is always state, then inode (see power_loss, corrupt,
         // open): never take the state lock while holding an inode's lock.
         self.fs.lock().syncs += 1;
+        Ok(())
+    }
+    fn reserve(&self, len: u64) -> io::Result<()> {
+        // The model does not track reserved blocks: a reserve that fits in
+        // the space left succeeds and takes nothing.
+        let state = self.fs.lock();
+        let data = self.inode.data.lock();
+        let want = len.saturating_sub(data.cached.len() as u64);
+        if state.space_left.is_some_and(|left| want > left) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         Ok(())
     }
     fn truncate(&self, len: u64) -> io::Result<()> {

@@ -70,6 +70,10 @@ pub struct LogConfig {
     /// ordinary batch to share its write and sync before the writer writes
     /// it by itself.
     pub defer_max: Duration,
+    /// Reserve each new segment's full size on disk when it is created
+    /// (the state journal: acks must keep working when topic data fills
+    /// the disk, since acks are how space is freed).
+    pub preallocate: bool,
 }
 
 impl Default for LogConfig {
@@ -81,6 +85,7 @@ impl Default for LogConfig {
             tail_cache_bytes_max: 8 * 1024 * 1024,
             pending_bytes_max: 64 * 1024 * 1024,
             defer_max: Duration::from_millis(5),
+            preallocate: false,
         }
     }
 }
@@ -246,6 +251,8 @@ struct Shared {
     /// Told of every rewind, with the offset the log went back to, before
     /// any record is written at that offset again.
     rewind_listener: Mutex<ListenerSlot>,
+    /// The error of the last write or sync, until one succeeds again.
+    write_error: Mutex<Option<String>>,
     /// Held while taking pending batches and writing them, so batches reach
     /// the file in offset order whoever writes them: the writer thread, or
     /// under `never` an appender that finds the log idle
@@ -404,6 +411,7 @@ impl Log {
             synced: Mutex::new(synced),
             rewinds: AtomicU64::new(0),
             rewind_listener: Mutex::new(ListenerSlot(None)),
+            write_error: Mutex::new(None),
             write_lock: Mutex::new(()),
             config,
         });
@@ -616,6 +624,16 @@ impl Log {
     /// records are written, before they are durable.
     pub fn watch_written(&self) -> watch::Receiver<Offset> {
         self.shared.written_tx.subscribe()
+    }
+
+    /// Why the log cannot write right now: its last write or sync failed
+    /// (a full disk, an I/O error) and none has succeeded since. `None`
+    /// when healthy.
+    pub fn write_problem(&self) -> Option<String> {
+        if let Some(cause) = &self.shared.pending.lock().failed {
+            return Some(cause.clone());
+        }
+        self.shared.write_error.lock().clone()
     }
 
     /// How many times this log was rewound after a failed write or sync.
@@ -988,29 +1006,31 @@ impl Shared {
     /// Fails `batches` and everything queued behind them with `err`, and
     /// rewinds the log to `to`. Returns false if the rewind failed too (the
     /// log is then failed until [`Shared::recover`] works).
-    fn rewind(&self, to: Mark, err: &StorageError, batches: Vec<PendingBatch>) -> bool {
-        for batch in batches {
-            let _ = batch.done.send(Err(err.clone()));
-        }
+    fn rewind(&self, to: Mark, err: &StorageError, mut batches: Vec<PendingBatch>) -> bool {
+        *self.write_error.lock() = Some(err.to_string());
         {
             let mut pending = self.pending.lock();
-            for batch in pending.batches.drain(..) {
-                let _ = batch.done.send(Err(err.clone()));
-            }
+            batches.append(&mut pending.batches);
             pending.buf.clear();
             pending.urgent = false;
             pending.deferred_since = None;
             // Offsets of the failed batches are handed out again.
             pending.next_offset = to.next;
         }
-        match self.undo_to(to) {
+        // Rewind (or fail) before anyone hears of the error, so an append
+        // made in reaction to it sees the log as it now is.
+        let rewound = match self.undo_to(to) {
             Ok(()) => true,
             Err(undo) => {
                 tracing::error!(dir = %self.dir.display(), error = %undo, "cannot rewind the log; it refuses appends until a rewind works");
                 self.fail(&undo);
                 false
             }
+        };
+        for batch in batches {
+            let _ = batch.done.send(Err(err.clone()));
         }
+        rewound
     }
 
     /// Cuts the files back to `to` and syncs them, then moves the written
@@ -1120,6 +1140,13 @@ fn create_segment(fs: &dyn Fs, dir: &Path, base: Offset, config: &LogConfig) -> 
     // power loss from leaving a headerless segment in the middle of a log.
     let written = file
         .write_at(&segment::encode_header(base), 0)
+        .and_then(|()| {
+            if config.preallocate {
+                file.reserve(config.segment_bytes_max)
+            } else {
+                Ok(())
+            }
+        })
         .and_then(|()| file.sync_data());
     if let Err(e) = written {
         // A full disk: leave no headerless file behind.
@@ -1537,6 +1564,10 @@ fn complete_write(
     shared.visible_tx.send_replace(Offset(last.0 + 1));
     for batch in batches {
         let _ = batch.done.send(Ok(batch.appended));
+    }
+    if shared.write_error.lock().is_some() {
+        *shared.write_error.lock() = None;
+        tracing::info!(dir = %shared.dir.display(), "log writes again");
     }
     true
 }

@@ -546,6 +546,11 @@ impl StateJournal {
         self.log.stats().disk_bytes
     }
 
+    /// See [`Log::write_problem`].
+    pub fn write_problem(&self) -> Option<String> {
+        self.log.write_problem()
+    }
+
     /// First step of compaction: the next write starts a new segment.
     pub fn request_roll(&self) {
         self.log.request_roll();

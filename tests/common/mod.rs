@@ -57,7 +57,10 @@ impl TestServer {
                 let _ = ready_tx.send(addr);
             },
         ));
-        let addr = ready_rx.await.expect("server failed to start");
+        let addr = match ready_rx.await {
+            Ok(addr) => addr,
+            Err(_) => panic!("server failed to start: {:?}", handle.await),
+        };
         TestServer {
             addr,
             dir,
