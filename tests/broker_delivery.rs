@@ -360,3 +360,54 @@ async fn ack_ids_are_unguessable_and_valid_only_on_their_subscription() {
     let ok = c.ack("a", ack_ids(&on_a)).await;
     assert!(ok.iter().all(|r| r.status == v1::AckStatus::Ok as i32));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_redrives_return_each_dead_letter_once() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub_with(v1::Subscription {
+        name: "s".into(),
+        topic: "t".into(),
+        ack_deadline_ms: 60_000,
+        ..Default::default()
+    })
+    .await;
+    let payloads: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+    c.publish("t", &refs).await;
+    let mut got = Vec::new();
+    while got.len() < payloads.len() {
+        got.extend(c.pull("s", 100, 500).await);
+    }
+    for chunk in got.chunks(100) {
+        c.nack("s", ack_ids(chunk), Some("bad")).await;
+    }
+    assert_eq!(c.dead_letters("s").await.len(), 300);
+
+    let redrive = |mut admin: courier::api::pb::v1::admin_client::AdminClient<_>| async move {
+        admin
+            .redrive_dead_letters(v1::RedriveDeadLettersRequest {
+                subscription: "s".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .redriven
+    };
+    let (a, b) = tokio::join!(redrive(c.admin.clone()), redrive(c.admin.clone()));
+    assert_eq!(a + b, 300, "redriven {a} + {b}");
+    let mut seen = BTreeSet::new();
+    loop {
+        let batch = c.pull("s", 100, 500).await;
+        if batch.is_empty() {
+            break;
+        }
+        for m in &batch {
+            assert!(seen.insert(text(m)), "{} redriven twice", text(m));
+        }
+        c.ack("s", ack_ids(&batch)).await;
+    }
+    assert_eq!(seen.len(), 300);
+}

@@ -1054,34 +1054,51 @@ impl Broker {
     // ----- housekeeping -------------------------------------------------
 
     /// Deletes what retention allows, and compacts the journal when due.
+    /// A failure on one topic is logged and the others still run; the
+    /// first error is returned.
     pub async fn housekeeping(&self) -> Result<()> {
+        let mut first_error = None;
         for topic in self.topics() {
-            let def = topic.def();
-            if def.retention.max_age_ms.is_some() || def.retention.max_bytes.is_some() {
-                topic.log.enforce_retention(
-                    def.retention.max_age_ms.map(|ms| ms * 1000),
-                    def.retention.max_bytes,
-                )?;
-                let first = topic.log.first_offset();
-                for sub in topic.subscriptions() {
-                    sub.skip_below(first).await?;
-                }
-            }
-            let subs = topic.subscriptions();
-            let floor = subs
-                .iter()
-                .map(|s| s.ack_floor())
-                .min()
-                .unwrap_or_else(|| topic.log.next_offset());
-            topic.log.truncate_before(floor)?;
-            for sub in subs {
-                if let Some(dlq) = sub.dlq.existing()? {
-                    dlq.truncate_before(sub.dlq_floor())?;
-                }
+            if let Err(e) = self.topic_housekeeping(&topic).await {
+                tracing::error!(topic = %topic.name(), error = %e, "retention failed for this topic");
+                first_error.get_or_insert(e);
             }
         }
         if self.inner.journal.disk_bytes() > self.inner.config.journal_compact_bytes {
-            self.compact_journal().await?;
+            if let Err(e) = self.compact_journal().await {
+                tracing::error!(error = %e, "journal compaction failed");
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn topic_housekeeping(&self, topic: &Arc<Topic>) -> Result<()> {
+        let def = topic.def();
+        if def.retention.max_age_ms.is_some() || def.retention.max_bytes.is_some() {
+            topic.log.enforce_retention(
+                def.retention.max_age_ms.map(|ms| ms * 1000),
+                def.retention.max_bytes,
+            )?;
+            let first = topic.log.first_offset();
+            for sub in topic.subscriptions() {
+                sub.skip_below(first).await?;
+            }
+        }
+        let subs = topic.subscriptions();
+        let floor = subs
+            .iter()
+            .map(|s| s.ack_floor())
+            .min()
+            .unwrap_or_else(|| topic.log.next_offset());
+        topic.log.truncate_before(floor)?;
+        for sub in subs {
+            if let Some(dlq) = sub.dlq.existing()? {
+                dlq.truncate_before(sub.dlq_floor())?;
+            }
         }
         Ok(())
     }

@@ -44,6 +44,9 @@ pub type ConsumerId = u64;
 /// How long a message whose dead-lettering failed waits before it is tried
 /// again.
 const DEAD_LETTER_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How long a message whose record could not be read (an I/O error, not
+/// corruption) waits before it is tried again.
+const READ_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Dead letters read per page when scanning the queue.
 const DEAD_LETTER_SCAN_PAGE: usize = 1_000;
 /// The consumer id of leases handed out by unary Pull.
@@ -175,10 +178,20 @@ struct Core {
     ready: BTreeSet<(Instant, u64)>,
     ready_at: HashMap<u64, Instant>,
     dead_lettering: HashSet<u64>,
-    /// Offsets in `dead_lettering` that `tick` must still move to the
-    /// dead-letter queue (their attempts are exhausted).
-    dead_letter_due: Vec<u64>,
+    /// Messages in `dead_lettering` that `tick` must still move to the
+    /// dead-letter queue (attempts exhausted, or a dead-lettering that
+    /// could not read the message and tries again).
+    dead_letter_due: Vec<DueDeadLetter>,
     consumers: HashMap<ConsumerId, Outstanding>,
+}
+
+/// A dead letter `tick` still has to write.
+#[derive(Debug, Clone)]
+struct DueDeadLetter {
+    offset: u64,
+    reason: DeadLetterReason,
+    text: String,
+    not_before: Instant,
 }
 
 /// One subscription. Shared by the broker, its streams and the ticker.
@@ -274,10 +287,15 @@ impl Core {
         attempts_max.is_some_and(|max| self.attempts(offset) >= max)
     }
 
-    /// Queues `offset` for `tick` to dead-letter.
+    /// Queues `offset` for `tick` to dead-letter (attempts exhausted).
     fn dead_letter_later(&mut self, offset: u64) {
         if self.dead_lettering.insert(offset) {
-            self.dead_letter_due.push(offset);
+            self.dead_letter_due.push(DueDeadLetter {
+                offset,
+                reason: DeadLetterReason::AttemptsExhausted,
+                text: String::new(),
+                not_before: Instant::now(),
+            });
         }
     }
 }
@@ -296,13 +314,19 @@ impl Subscription {
         // Messages whose last allowed attempt was delivered before the
         // restart: dead-lettered by the first tick, never delivered again.
         let attempts_max = def.dead_letter.as_ref().map(|p| p.max_delivery_attempts);
-        let dead_letter_due: Vec<u64> = state
+        let now = Instant::now();
+        let dead_letter_due: Vec<DueDeadLetter> = state
             .attempts
             .iter()
             .filter(|(o, a)| {
                 attempts_max.is_some_and(|max| a.count >= max) && !state.settled.contains(**o)
             })
-            .map(|(o, _)| *o)
+            .map(|(o, _)| DueDeadLetter {
+                offset: *o,
+                reason: DeadLetterReason::AttemptsExhausted,
+                text: String::new(),
+                not_before: now,
+            })
             .collect();
         Self {
             id: def.id,
@@ -317,7 +341,7 @@ impl Subscription {
                 deadlines: BTreeSet::new(),
                 ready: BTreeSet::new(),
                 ready_at: HashMap::default(),
-                dead_lettering: dead_letter_due.iter().copied().collect(),
+                dead_lettering: dead_letter_due.iter().map(|d| d.offset).collect(),
                 dead_letter_due,
                 consumers: HashMap::default(),
             }),
@@ -371,7 +395,7 @@ impl Subscription {
             core.ready_at.remove(&o);
         }
         core.dead_lettering.retain(|o| *o < end.0);
-        core.dead_letter_due.retain(|o| *o < end.0);
+        core.dead_letter_due.retain(|d| d.offset < end.0);
         core.state.truncate_at(end);
         core.cursor = core.cursor.min(end.0.max(core.state.settled.floor()));
     }
@@ -478,12 +502,28 @@ impl Subscription {
                 }
                 let record = match self.read_one(offset) {
                     Ok(Some(r)) => r,
-                    Ok(None) | Err(_) => {
-                        // Gone to retention or unreadable: nothing to deliver.
+                    Ok(None) => {
+                        // Gone to retention: nothing to deliver.
                         core.ready.remove(&(at, offset));
                         core.ready_at.remove(&offset);
                         lost.push(offset);
                         continue;
+                    }
+                    Err(StorageError::Corrupt { path, detail, .. }) => {
+                        // Proven corrupt by its checks: skipped, reported.
+                        tracing::error!(subscription = %self.name(), path = %path.display(), offset, detail, "skipping a corrupt record");
+                        core.ready.remove(&(at, offset));
+                        core.ready_at.remove(&offset);
+                        lost.push(offset);
+                        continue;
+                    }
+                    Err(e) => {
+                        // A read error is not proof of anything: the
+                        // message stays, and is tried again later.
+                        tracing::warn!(subscription = %self.name(), offset, error = %e, "cannot read a message to redeliver; retrying later");
+                        core.ready.remove(&(at, offset));
+                        core.schedule(offset, now + READ_RETRY_AFTER);
+                        break;
                     }
                 };
                 let (size, frame) = (record.payload.len() as u64, record.frame_len() as u64);
@@ -772,8 +812,11 @@ impl Subscription {
     }
 
     /// Changes lease deadlines; `deadline` zero nacks.
+    ///
+    /// # Cancel safety
+    /// As [`Subscription::nack`].
     pub async fn modify_deadline(
-        &self,
+        self: &Arc<Self>,
         ids: &[Option<AckId>],
         deadline: Duration,
     ) -> Result<Vec<AckOutcome>> {
@@ -816,8 +859,14 @@ impl Subscription {
     /// Nacks deliveries: each is redelivered after the retry backoff, or
     /// dead-lettered if `reject` is given or attempts are exhausted. Dead
     /// letters are durable when this returns.
+    ///
+    /// # Cancel safety
+    /// Everything happens in memory before the first await; the dead
+    /// letters are then written by a task of their own. Dropping the future
+    /// leaves no message half-way: each is scheduled for redelivery or
+    /// moved to the dead-letter queue all the same.
     pub async fn nack(
-        &self,
+        self: &Arc<Self>,
         ids: &[Option<AckId>],
         reject: Option<&str>,
     ) -> Result<Vec<AckOutcome>> {
@@ -872,13 +921,30 @@ impl Subscription {
                 .collect()
         };
         self.wake.notify_waiters();
-        self.dead_letter(to_dead_letter).await?;
+        if !to_dead_letter.is_empty() {
+            let this = self.clone();
+            let written = tokio::spawn(async move { this.dead_letter(to_dead_letter).await });
+            match written.await {
+                Ok(result) => result?,
+                Err(e) => {
+                    if let Ok(panic) = e.try_into_panic() {
+                        std::panic::resume_unwind(panic);
+                    }
+                    return Err(BrokerError::ShuttingDown);
+                }
+            }
+        }
         Ok(outcomes)
     }
 
     /// Releases every lease of `consumer` (its stream ended): each message
     /// is redelivered at once, or dead-lettered if out of attempts.
-    pub async fn release_consumer(&self, consumer: ConsumerId) {
+    ///
+    /// # Cancel safety
+    /// The leases are released before the first await and the dead letters
+    /// are written by a task of their own, which dropping the future does
+    /// not stop.
+    pub async fn release_consumer(self: &Arc<Self>, consumer: ConsumerId) {
         let attempts_max = self.attempts_max();
         let mut to_dead_letter = Vec::new();
         {
@@ -897,8 +963,13 @@ impl Subscription {
             core.consumers.remove(&consumer);
         }
         self.wake.notify_waiters();
-        if let Err(e) = self.dead_letter(to_dead_letter).await {
-            tracing::error!(subscription = %self.name(), error = %e, "dead-lettering after stream end failed");
+        if to_dead_letter.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        let written = tokio::spawn(async move { this.dead_letter(to_dead_letter).await });
+        if let Ok(Err(e)) = written.await {
+            tracing::error!(subscription = %self.name(), error = %e, "dead-lettering after stream end failed; retried by the ticker");
         }
     }
 
@@ -942,9 +1013,12 @@ impl Subscription {
                 core.remove_lease(offset);
                 Self::fail_attempt(&mut core, attempts_max, offset, now, &mut to_dead_letter);
             }
-            for offset in std::mem::take(&mut core.dead_letter_due) {
-                to_dead_letter.push((offset, DeadLetterReason::AttemptsExhausted, String::new()));
-            }
+            let (due, later): (Vec<DueDeadLetter>, Vec<DueDeadLetter>) =
+                std::mem::take(&mut core.dead_letter_due)
+                    .into_iter()
+                    .partition(|d| d.not_before <= now);
+            core.dead_letter_due = later;
+            to_dead_letter.extend(due.into_iter().map(|d| (d.offset, d.reason, d.text)));
             core.ready.first().is_some_and(|(at, _)| *at <= now)
         };
         if wake {
@@ -966,6 +1040,9 @@ impl Subscription {
         let mut offsets = Vec::with_capacity(items.len());
         let mut forward = Vec::new();
         let mut not_yet_durable = Vec::new();
+        let mut unreadable = Vec::new();
+        // What to try again if the dead-letter log cannot take them.
+        let mut retry = Vec::new();
         for (offset, reason, text) in items {
             let attempts = self.core.lock().state.attempts.get(&offset).copied();
             if offset >= self.topic.log.next_offset().0 {
@@ -974,11 +1051,35 @@ impl Subscription {
                 not_yet_durable.push(offset);
                 continue;
             }
-            let Ok(Some(message)) = self.read_one(offset) else {
-                tracing::warn!(subscription = %def.name, offset, "message to dead-letter is no longer retained");
-                offsets.push(offset);
-                continue;
+            let message = match self.read_one(offset) {
+                Ok(Some(message)) => message,
+                Ok(None) => {
+                    tracing::warn!(subscription = %def.name, offset, "message to dead-letter is no longer retained");
+                    offsets.push(offset);
+                    continue;
+                }
+                Err(StorageError::Corrupt { path, detail, .. }) => {
+                    tracing::error!(subscription = %def.name, path = %path.display(), offset, detail, "message to dead-letter is corrupt; settled without a dead letter");
+                    offsets.push(offset);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(subscription = %def.name, offset, error = %e, "cannot read a message to dead-letter; retrying later");
+                    unreadable.push(DueDeadLetter {
+                        offset,
+                        reason,
+                        text,
+                        not_before: Instant::now() + READ_RETRY_AFTER,
+                    });
+                    continue;
+                }
             };
+            retry.push(DueDeadLetter {
+                offset,
+                reason,
+                text: text.clone(),
+                not_before: Instant::now() + DEAD_LETTER_RETRY_AFTER,
+            });
             let meta = DeadLetterMeta {
                 reason,
                 reason_text: text,
@@ -997,13 +1098,15 @@ impl Subscription {
             forward.push(message);
             offsets.push(offset);
         }
-        if !not_yet_durable.is_empty() {
+        if !not_yet_durable.is_empty() || !unreadable.is_empty() {
             let mut core = self.core.lock();
             let now = Instant::now();
             for o in not_yet_durable {
                 core.dead_lettering.remove(&o);
                 core.schedule(o, now);
             }
+            // Still being dead-lettered: `tick` tries again.
+            core.dead_letter_due.extend(unreadable);
         }
         if offsets.is_empty() {
             return Ok(()); // everything went back to the redelivery queue
@@ -1022,12 +1125,18 @@ impl Subscription {
                 core.dead_lettering.remove(o);
             }
             if let Err(e) = appended {
-                // Back to the redelivery queue, a little later: one whose
-                // attempts are exhausted is queued for dead-lettering
-                // again when it comes due, never delivered.
-                let at = Instant::now() + DEAD_LETTER_RETRY_AFTER;
-                for o in &offsets {
-                    core.schedule(*o, at);
+                // Still being dead-lettered (never delivered again):
+                // `tick` tries again in a while. Messages that turned out
+                // gone or corrupt are settled all the same.
+                for d in &retry {
+                    core.dead_lettering.insert(d.offset);
+                }
+                let retried: HashSet<u64> = retry.iter().map(|d| d.offset).collect();
+                core.dead_letter_due.extend(retry);
+                let gone: Vec<u64> = offsets.iter().copied().filter(|o| !retried.contains(o)).collect();
+                if !gone.is_empty() {
+                    let ranges = core.settle(&gone);
+                    let _ = self.journal.enqueue(self.id(), &[StateEntry::Settled { ranges }]);
                 }
                 return Err(e.into());
             }
