@@ -6,55 +6,13 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Clients, ack_ids, text};
+use common::{Clients, ack_ids, spawn_broker, text};
 use courier::api::pb::v1;
 use parking_lot::Mutex;
-
-struct ChildBroker {
-    child: Child,
-    url: String,
-}
-
-fn spawn_broker(dir: &std::path::Path) -> ChildBroker {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .env("RUST_LOG", "info")
-        .env_remove("COURIER_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start courier serve");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let addr: String = rest
-                    .chars()
-                    .take_while(|c| !c.is_whitespace() && *c != '"')
-                    .collect();
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(addr);
-                }
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("broker did not report its address");
-    ChildBroker {
-        child,
-        url: format!("http://{addr}"),
-    }
-}
 
 #[derive(Default)]
 struct Observed {

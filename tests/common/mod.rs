@@ -2,7 +2,9 @@
 //! ephemeral port and a temp data directory, and typed gRPC clients.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -250,4 +252,47 @@ pub fn text(m: &v1::ReceivedMessage) -> String {
 
 pub fn ack_ids(msgs: &[v1::ReceivedMessage]) -> Vec<String> {
     msgs.iter().map(|m| m.ack_id.clone()).collect()
+}
+
+/// A real `courier serve` child process on 127.0.0.1 (for kill -9).
+pub struct ChildBroker {
+    pub child: Child,
+    pub url: String,
+}
+
+/// Starts `courier serve` on `dir` and waits for its address.
+pub fn spawn_broker(dir: &std::path::Path) -> ChildBroker {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .env("RUST_LOG", "info")
+        .env_remove("COURIER_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start courier serve");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let addr: String = rest
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && *c != '"')
+                    .collect();
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr);
+                }
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("broker did not report its address");
+    ChildBroker {
+        child,
+        url: format!("http://{addr}"),
+    }
 }
