@@ -42,6 +42,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         // Payloads as `bytes::Bytes`: fanning a message out to many
         // subscriptions clones a reference count, not the payload.
         .bytes(".courier.v1")
+        // Malformed input is the caller's fault: INVALID_ARGUMENT.
+        .codec_path("crate::api::codec::Codec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -124,6 +124,7 @@ pub async fn run(
     let served = tonic::transport::Server::builder()
         .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
+        .layer(crate::api::codec::TooLargeLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

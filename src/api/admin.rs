@@ -361,18 +361,20 @@ impl Admin for AdminService {
                 ));
             }
         };
-        let from =
-            if req.page_token.is_empty() {
-                Offset(0)
-            } else {
-                Offset(req.page_token.parse().map_err(|_| {
-                    status::invalid("page_token", "is not a token this broker issued")
-                })?)
-            };
         let sub = self
             .broker
             .subscription(&req.subscription)
             .map_err(status::to_status)?;
+        let from = if req.page_token.is_empty() {
+            Offset(0)
+        } else {
+            sub.dead_letter_page_from(&req.page_token).ok_or_else(|| {
+                status::invalid(
+                    "page_token",
+                    "is not a token this subscription's listing issued",
+                )
+            })?
+        };
         let (page, next) = sub
             .dead_letters(from, max as usize)
             .map_err(status::to_status)?;
@@ -381,7 +383,9 @@ impl Admin for AdminService {
                 .iter()
                 .map(|dl| convert::dead_letter(dl, &req.subscription))
                 .collect(),
-            next_page_token: next.map(|o| o.0.to_string()).unwrap_or_default(),
+            next_page_token: next
+                .map(|o| sub.dead_letter_page_token(o))
+                .unwrap_or_default(),
         }))
     }
 

@@ -3,6 +3,7 @@
 //! calls; `status::to_status` is the one mapping from errors to codes.
 
 pub mod admin;
+pub mod codec;
 pub mod convert;
 pub mod pb;
 pub mod publisher;

@@ -5,8 +5,32 @@ use tonic::{Code, Status};
 use crate::broker::BrokerError;
 use crate::storage::StorageError;
 
+/// The longest status message sent, in bytes: input echoed in a message
+/// (a name, a field value) never makes a reply as large as the request.
+pub const STATUS_MESSAGE_BYTES_MAX: usize = 1024;
+
+/// `message`, cut to [`STATUS_MESSAGE_BYTES_MAX`] at a character boundary.
+fn capped(message: String) -> String {
+    if message.len() <= STATUS_MESSAGE_BYTES_MAX {
+        return message;
+    }
+    let mut end = STATUS_MESSAGE_BYTES_MAX;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &message[..end], message.len())
+}
+
 /// Maps a broker error to the status the protocol documents for it.
 pub fn to_status(err: BrokerError) -> Status {
+    let status = status_of(err);
+    if status.message().len() > STATUS_MESSAGE_BYTES_MAX {
+        return Status::new(status.code(), capped(status.message().to_owned()));
+    }
+    status
+}
+
+fn status_of(err: BrokerError) -> Status {
     match err {
         BrokerError::NotFound { .. } => Status::not_found(err.to_string()),
         BrokerError::AlreadyExists { .. } => Status::already_exists(err.to_string()),
@@ -21,7 +45,10 @@ pub fn to_status(err: BrokerError) -> Status {
 fn storage_status(err: StorageError) -> Status {
     let code = match &err {
         StorageError::Io { source, .. }
-            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC | libc::EDQUOT | libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+            ) =>
         {
             Code::ResourceExhausted
         }
@@ -44,5 +71,19 @@ fn storage_status(err: StorageError) -> Status {
 
 /// An INVALID_ARGUMENT status naming `field`.
 pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("invalid {field}: {reason}"))
+    Status::invalid_argument(capped(format!("invalid {field}: {reason}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_capped_at_a_char_boundary() {
+        let status = invalid("name", "é".repeat(1_000_000));
+        assert!(status.message().len() < STATUS_MESSAGE_BYTES_MAX + 40);
+        assert!(status.message().ends_with("bytes in all)"), "{}", status.message());
+        let short = invalid("name", "too short");
+        assert_eq!(short.message(), "invalid name: too short");
+    }
 }

@@ -158,6 +158,40 @@ impl AckKey {
         }
     }
 
+    fn page_tag(&self, subscription_id: u64, offset: u64) -> u64 {
+        // A different input length from an ack id's: the two never share
+        // a tag.
+        let mut h = SipHasher24::new_with_key(&self.key);
+        h.write_u8(b'p');
+        h.write_u64(subscription_id);
+        h.write_u64(offset);
+        h.finish()
+    }
+
+    /// An opaque page token for a listing of subscription
+    /// `subscription_id` that goes on at `offset`.
+    pub fn page_token(&self, subscription_id: u64, offset: u64) -> String {
+        let mut raw = [0u8; 16];
+        raw[..8].copy_from_slice(&offset.to_le_bytes());
+        raw[8..].copy_from_slice(&self.page_tag(subscription_id, offset).to_le_bytes());
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// The offset of a token [`AckKey::page_token`] issued for this
+    /// subscription; `None` for anything else.
+    pub fn parse_page_token(&self, subscription_id: u64, token: &str) -> Option<u64> {
+        if token.len() != 22 {
+            return None;
+        }
+        let mut raw = [0u8; 18];
+        if URL_SAFE_NO_PAD.decode_slice(token, &mut raw).ok()? != 16 {
+            return None;
+        }
+        let offset = u64::from_le_bytes(raw[..8].try_into().expect("8 bytes"));
+        let tag = u64::from_le_bytes(raw[8..16].try_into().expect("8 bytes"));
+        ((self.page_tag(subscription_id, offset) ^ tag) == 0).then_some(offset)
+    }
+
     /// True if `id` was issued by subscription `subscription_id`.
     pub fn verify(&self, subscription_id: u64, id: &AckId) -> bool {
         // One xor over the whole tag: no early exit on the first
@@ -192,6 +226,19 @@ mod tests {
         for bad in ["", "12-3", "a-b", &"A".repeat(38), &"!".repeat(38), &"A".repeat(39)] {
             let parsed = bad.parse::<AckId>();
             assert!(parsed.is_err() || !key.verify(5, &parsed.unwrap()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_are_bound_to_their_subscription() {
+        let key = AckKey::from_bytes([7; ACK_KEY_BYTES]);
+        for offset in [0, 1, 1000, u64::MAX] {
+            let token = key.page_token(5, offset);
+            assert_eq!(key.parse_page_token(5, &token), Some(offset));
+            assert_eq!(key.parse_page_token(6, &token), None);
+        }
+        for bad in ["", "0", "1000", &"A".repeat(22), &"!".repeat(22)] {
+            assert_eq!(key.parse_page_token(5, bad), None, "{bad}");
         }
     }
 

@@ -96,10 +96,23 @@ impl BrokerConfig {
     }
 }
 
+/// How many characters of a rejected value an error message repeats.
+pub const ECHOED_CHARS_MAX: usize = 64;
+
+/// `value` quoted for an error message, cut after [`ECHOED_CHARS_MAX`]
+/// characters: a client's bad input is named, not echoed whole.
+pub fn shown(value: &str) -> String {
+    match value.char_indices().nth(ECHOED_CHARS_MAX) {
+        None => format!("{value:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes)", &value[..end], value.len()),
+    }
+}
+
 /// Checks a topic or subscription name: `[A-Za-z][A-Za-z0-9._-]{0,254}`.
 pub fn check_name(field: &str, name: &str) -> Result<(), crate::broker::BrokerError> {
-    let bad =
-        |reason: &str| crate::broker::BrokerError::invalid(field, format!("{name:?} {reason}"));
+    let bad = |reason: &str| {
+        crate::broker::BrokerError::invalid(field, format!("{} {reason}", shown(name)))
+    };
     let mut bytes = name.bytes();
     match bytes.next() {
         None => {
@@ -132,5 +145,8 @@ mod tests {
         for bad in ["", "9a", "-a", "a b", "a/b", "é", &"x".repeat(256)] {
             assert!(check_name("name", bad).is_err(), "{bad}");
         }
+        let long = check_name("name", &"x".repeat(1_000_000)).unwrap_err().to_string();
+        assert!(long.len() < 200, "{long}");
+        assert!(long.contains("(1000000 bytes)"), "{long}");
     }
 }

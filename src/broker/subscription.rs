@@ -1360,6 +1360,18 @@ impl Subscription {
 
     /// Live dead letters from dead-letter offset `from`, up to `max`.
     /// Returns them and the offset to continue from, if there are more.
+    /// The page token that continues a dead-letter listing at `offset`.
+    pub fn dead_letter_page_token(&self, offset: Offset) -> String {
+        self.ack_key.page_token(self.id(), offset.0)
+    }
+
+    /// Where a dead-letter listing goes on, from a token
+    /// [`Subscription::dead_letter_page_token`] issued; `None` if this
+    /// subscription did not issue it.
+    pub fn dead_letter_page_from(&self, token: &str) -> Option<Offset> {
+        self.ack_key.parse_page_token(self.id(), token).map(Offset)
+    }
+
     pub fn dead_letters(
         &self,
         from: Offset,
