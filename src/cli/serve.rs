@@ -40,6 +40,8 @@ pub const ENV_SEGMENT_BYTES: &str = "COURIER_SEGMENT_BYTES";
 pub const ENV_MAX_MESSAGE_BYTES: &str = "COURIER_MAX_MESSAGE_BYTES";
 pub const ENV_TAIL_CACHE_BYTES: &str = "COURIER_TAIL_CACHE_BYTES";
 pub const ENV_UNACKED_WINDOW_MAX: &str = "COURIER_UNACKED_WINDOW_MAX";
+pub const ENV_CONNECTIONS_MAX: &str = "COURIER_CONNECTIONS_MAX";
+pub const ENV_HANDSHAKE_TIMEOUT: &str = "COURIER_HANDSHAKE_TIMEOUT";
 
 /// How log lines are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
@@ -101,6 +103,14 @@ pub struct ServeArgs {
     /// Per subscription: how far past the ack floor messages are handed out [env: COURIER_UNACKED_WINDOW_MAX]
     #[arg(long, value_name = "N")]
     pub unacked_window_max: Option<u64>,
+
+    /// Most client connections open at once [env: COURIER_CONNECTIONS_MAX] [default: derived from the file descriptor limit]
+    #[arg(long, value_name = "N")]
+    pub connections_max: Option<u64>,
+
+    /// Time a new connection has to start HTTP/2, e.g. 10s or 500ms [env: COURIER_HANDSHAKE_TIMEOUT] [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse::duration_ms)]
+    pub handshake_timeout: Option<u64>,
 }
 
 /// The settings one source gives; `None` leaves a setting to lower ones.
@@ -114,6 +124,9 @@ pub struct Settings {
     pub max_message_bytes: Option<u64>,
     pub tail_cache_bytes: Option<u64>,
     pub unacked_window_max: Option<u64>,
+    pub connections_max: Option<u64>,
+    /// Milliseconds.
+    pub handshake_timeout: Option<u64>,
 }
 
 /// The `serve` configuration once every source is merged.
@@ -135,6 +148,8 @@ struct FileConfig {
     max_message_bytes: Option<ByteSize>,
     tail_cache_bytes: Option<ByteSize>,
     unacked_window_max: Option<u64>,
+    connections_max: Option<u64>,
+    handshake_timeout: Option<String>,
 }
 
 /// A byte count in the config file: an integer or a string with a unit
@@ -178,6 +193,8 @@ impl Settings {
             max_message_bytes: args.max_message_bytes,
             tail_cache_bytes: args.tail_cache_bytes,
             unacked_window_max: args.unacked_window_max,
+            connections_max: args.connections_max,
+            handshake_timeout: args.handshake_timeout,
         }
     }
 
@@ -214,9 +231,13 @@ impl Settings {
                 get(ENV_TAIL_CACHE_BYTES),
                 parse::bytes,
             )?,
-            unacked_window_max: parsed(ENV_UNACKED_WINDOW_MAX, get(ENV_UNACKED_WINDOW_MAX), |v| {
-                v.parse::<u64>().map_err(|e| format!("not a count: {e}"))
-            })?,
+            unacked_window_max: parsed(ENV_UNACKED_WINDOW_MAX, get(ENV_UNACKED_WINDOW_MAX), count)?,
+            connections_max: parsed(ENV_CONNECTIONS_MAX, get(ENV_CONNECTIONS_MAX), count)?,
+            handshake_timeout: parsed(
+                ENV_HANDSHAKE_TIMEOUT,
+                get(ENV_HANDSHAKE_TIMEOUT),
+                parse::duration_ms,
+            )?,
         })
     }
 
@@ -256,6 +277,11 @@ impl Settings {
             max_message_bytes: file.max_message_bytes.map(|b| b.0),
             tail_cache_bytes: file.tail_cache_bytes.map(|b| b.0),
             unacked_window_max: file.unacked_window_max,
+            connections_max: file.connections_max,
+            handshake_timeout: file
+                .handshake_timeout
+                .map(|v| parse::duration_ms(&v).map_err(|e| key("handshake_timeout", e)))
+                .transpose()?,
         })
     }
 
@@ -271,8 +297,14 @@ impl Settings {
             max_message_bytes: self.max_message_bytes.or(lower.max_message_bytes),
             tail_cache_bytes: self.tail_cache_bytes.or(lower.tail_cache_bytes),
             unacked_window_max: self.unacked_window_max.or(lower.unacked_window_max),
+            connections_max: self.connections_max.or(lower.connections_max),
+            handshake_timeout: self.handshake_timeout.or(lower.handshake_timeout),
         }
     }
+}
+
+fn count(v: &str) -> Result<u64, String> {
+    v.parse::<u64>().map_err(|e| format!("not a count: {e}"))
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -312,8 +344,19 @@ pub fn merge(flags: Settings, env: Settings, file: Settings) -> anyhow::Result<R
         anyhow::ensure!(n >= 1, "unacked_window_max must be at least 1");
         broker.unacked_window_max = n;
     }
+    if let Some(n) = s.connections_max {
+        anyhow::ensure!(n >= 1, "connections_max must be at least 1");
+    }
+    if let Some(ms) = s.handshake_timeout {
+        anyhow::ensure!(ms >= 1, "handshake_timeout must be at least 1ms");
+    }
     Ok(Resolved {
-        options: ServeOptions { listen, broker },
+        options: ServeOptions {
+            listen,
+            broker,
+            connections_max: s.connections_max.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            handshake_timeout: s.handshake_timeout.map(std::time::Duration::from_millis),
+        },
         log_format: s.log_format.unwrap_or_default(),
     })
 }
@@ -516,6 +559,10 @@ mod tests {
             "0",
             "--unacked-window-max",
             "5",
+            "--connections-max",
+            "7",
+            "--handshake-timeout",
+            "2s",
         ]);
         assert_eq!(args.config, Some(PathBuf::from("c.toml")));
         let s = Settings::from_flags(&args);
@@ -530,6 +577,8 @@ mod tests {
                 max_message_bytes: Some(1024),
                 tail_cache_bytes: Some(0),
                 unacked_window_max: Some(5),
+                connections_max: Some(7),
+                handshake_timeout: Some(2000),
             }
         );
         assert_eq!(serve_args(&[]), ServeArgs::default());

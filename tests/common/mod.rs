@@ -46,10 +46,7 @@ impl TestServer {
         let dir = config.data_dir.clone();
         let (tx, rx) = oneshot::channel();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let opts = ServeOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            broker: config,
-        };
+        let opts = ServeOptions::new("127.0.0.1:0".parse().unwrap(), config);
         let handle = tokio::spawn(run(
             opts,
             async move {
@@ -262,9 +259,36 @@ pub struct ChildBroker {
 
 /// Starts `courier serve` on `dir` and waits for its address.
 pub fn spawn_broker(dir: &std::path::Path) -> ChildBroker {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
+    spawn_broker_with(dir, &[], None)
+}
+
+/// Starts `courier serve` on `dir` with extra flags and, if given, its
+/// file descriptor limit (soft and hard) set to `nofile`.
+pub fn spawn_broker_with(dir: &std::path::Path, args: &[&str], nofile: Option<u64>) -> ChildBroker {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_courier"));
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
+        .args(args);
+    if let Some(n) = nofile {
+        use std::os::unix::process::CommandExt as _;
+        let lim = libc::rlimit {
+            rlim_cur: n,
+            rlim_max: n,
+        };
+        // SAFETY: setrlimit is async-signal-safe and touches only the
+        // child's own limits.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let mut child = command
         .env("RUST_LOG", "info")
         .env_remove("COURIER_CONFIG")
         .stdout(Stdio::null())

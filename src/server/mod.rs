@@ -8,7 +8,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use tonic::transport::server::TcpIncoming;
 
 use crate::api::pb::v1::admin_server::AdminServer;
 use crate::api::pb::v1::publisher_server::PublisherServer;
@@ -24,11 +23,36 @@ const GRPC_MESSAGE_BYTES_MAX: usize = crate::client::GRPC_MESSAGE_BYTES_MAX;
 /// How often the health service re-checks that every log can write.
 const HEALTH_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
+pub mod listener;
+
+/// HTTP/2 keepalive: a ping after this much silence on a connection...
+const HTTP2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// ...which must be answered within this, or the connection is closed.
+const HTTP2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// What `courier serve` runs.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub listen: SocketAddr,
     pub broker: BrokerConfig,
+    /// Most connections open at once; `None` derives it from the file
+    /// descriptor limit ([`listener::ConnectionLimits::for_fd_limit`]).
+    pub connections_max: Option<usize>,
+    /// Time a new connection has to send the HTTP/2 preface; `None` is
+    /// [`listener::HANDSHAKE_TIMEOUT_DEFAULT`].
+    pub handshake_timeout: Option<std::time::Duration>,
+}
+
+impl ServeOptions {
+    /// Options with the defaults for everything but the broker's.
+    pub fn new(listen: SocketAddr, broker: BrokerConfig) -> ServeOptions {
+        ServeOptions {
+            listen,
+            broker,
+            connections_max: None,
+            handshake_timeout: None,
+        }
+    }
 }
 
 /// Opens the broker, serves gRPC on `opts.listen` until `shutdown`
@@ -40,6 +64,20 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(SocketAddr) + Send,
 ) -> anyhow::Result<()> {
+    let fd_limit = listener::raise_fd_limit();
+    let mut limits = listener::ConnectionLimits::for_fd_limit(fd_limit);
+    if let Some(n) = opts.connections_max {
+        limits.connections_max = n;
+    }
+    if let Some(t) = opts.handshake_timeout {
+        limits.handshake_timeout = t;
+    }
+    tracing::info!(
+        fd_limit,
+        connections_max = limits.connections_max,
+        handshake_timeout_ms = limits.handshake_timeout.as_millis() as u64,
+        "connection limits"
+    );
     let broker = Broker::open(opts.broker.clone()).await.with_context(|| {
         format!(
             "cannot open data directory {}",
@@ -50,10 +88,7 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on {}", opts.listen))?;
     let addr = listener.local_addr()?;
-    // The builder's tcp_nodelay applies only to listeners tonic binds
-    // itself; without it, responses split into several writes wait for
-    // delayed ACKs (40 ms each).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = listener::incoming(listener, limits);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -124,6 +159,8 @@ pub async fn run(
     let served = tonic::transport::Server::builder()
         .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .layer(crate::api::codec::TooLargeLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
