@@ -100,7 +100,8 @@ impl Record {
             f.acked_then_redelivered.push(p.clone());
         }
         if m.delivery_attempt > ATTEMPTS_MAX {
-            f.attempts_over_limit.push(format!("{p} attempt {}", m.delivery_attempt));
+            f.attempts_over_limit
+                .push(format!("{p} attempt {}", m.delivery_attempt));
         }
         if let Some(before) = self.attempts.get(&p) {
             if m.delivery_attempt <= *before {
@@ -129,7 +130,12 @@ async fn create_all(c: &mut Clients) {
 }
 
 /// One cycle's traffic until the broker dies.
-async fn traffic(c: Clients, cycle: u64, record: Arc<Mutex<Record>>, findings: Arc<Mutex<Findings>>) {
+async fn traffic(
+    c: Clients,
+    cycle: u64,
+    record: Arc<Mutex<Record>>,
+    findings: Arc<Mutex<Findings>>,
+) {
     let mut tasks = Vec::new();
     for p in 0..3u64 {
         let mut c = c.clone();
@@ -223,7 +229,11 @@ async fn traffic(c: Clients, cycle: u64, record: Arc<Mutex<Record>>, findings: A
                             subscription: "work".into(),
                             ack_ids: ids,
                             reject: kind == 1,
-                            reason: if kind == 1 { "checker".into() } else { String::new() },
+                            reason: if kind == 1 {
+                                "checker".into()
+                            } else {
+                                String::new()
+                            },
                         })
                         .await
                         .map(|r| r.into_inner().results),
@@ -377,9 +387,18 @@ async fn crash_loop_loses_nothing_acknowledged_and_keeps_every_promise() {
         f.dead_letter_duplicates.len(),
         f.rejected_missing_from_dlq.len(),
     );
-    assert!(rec.published.len() > 100 * cycles as usize / 2, "too little traffic to test");
+    assert!(
+        rec.published.len() > 100 * cycles as usize / 2,
+        "too little traffic to test"
+    );
     assert!(rec.acked.len() > 10, "too few acks to test");
     assert_eq!(f.total(), 0, "{f:#?}");
-    let over: Vec<_> = dlq.iter().filter(|(_, n)| **n as u64 > 1 + cycles).collect();
-    assert!(over.is_empty(), "dead letters repeated more often than the broker was killed: {over:?}");
+    let over: Vec<_> = dlq
+        .iter()
+        .filter(|(_, n)| **n as u64 > 1 + cycles)
+        .collect();
+    assert!(
+        over.is_empty(),
+        "dead letters repeated more often than the broker was killed: {over:?}"
+    );
 }

@@ -332,7 +332,10 @@ async fn ack_ids_are_unguessable_and_valid_only_on_their_subscription() {
     c.publish("t", &["m0", "m1"]).await;
     let on_a = c.pull_n("a", 2, Duration::from_secs(3)).await;
     let on_b = c.pull_n("b", 2, Duration::from_secs(3)).await;
-    assert!(on_a.iter().all(|m| m.ack_id.len() >= 32), "opaque, long ack ids");
+    assert!(
+        on_a.iter().all(|m| m.ack_id.len() >= 32),
+        "opaque, long ack ids"
+    );
     assert_ne!(on_a[0].ack_id, on_b[0].ack_id);
 
     // A's ack ids on B, ids guessed from offsets and attempts, and an id
@@ -346,11 +349,17 @@ async fn ack_ids_are_unguessable_and_valid_only_on_their_subscription() {
     let results = c.ack("b", forged.clone()).await;
     assert_eq!(results.len(), forged.len());
     assert!(
-        results.iter().all(|r| r.status == v1::AckStatus::Unknown as i32),
+        results
+            .iter()
+            .all(|r| r.status == v1::AckStatus::Unknown as i32),
         "{results:?}"
     );
     let rejected = c.nack("b", forged, Some("guessed")).await;
-    assert!(rejected.iter().all(|r| r.status == v1::AckStatus::Unknown as i32));
+    assert!(
+        rejected
+            .iter()
+            .all(|r| r.status == v1::AckStatus::Unknown as i32)
+    );
     assert!(c.dead_letters("b").await.is_empty());
     assert_eq!(c.stats("b").await.in_flight_messages, 2);
 

@@ -160,14 +160,22 @@ async fn a_full_disk_refuses_publishes_cleanly_keeps_acks_and_passes() {
     let mut delivered: BTreeSet<String> = BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while delivered.len() < ok.len() {
-        assert!(Instant::now() < deadline, "drained {} of {}", delivered.len(), ok.len());
+        assert!(
+            Instant::now() < deadline,
+            "drained {} of {}",
+            delivered.len(),
+            ok.len()
+        );
         let got = c.pull("s", 100, 200).await;
         if got.is_empty() {
             continue;
         }
         for m in &got {
             let name = short(m);
-            assert!(!failed.contains(&name), "a message of a failed publish was delivered: {name}");
+            assert!(
+                !failed.contains(&name),
+                "a message of a failed publish was delivered: {name}"
+            );
             delivered.insert(name);
         }
         let results = c.ack("s", ack_ids(&got)).await;
@@ -181,7 +189,10 @@ async fn a_full_disk_refuses_publishes_cleanly_keeps_acks_and_passes() {
     // Retention deletes the acked segments: the space comes back.
     let deadline = Instant::now() + Duration::from_secs(20);
     while free_bytes(&disk.dir) < 4 << 20 {
-        assert!(Instant::now() < deadline, "acked segments were never deleted");
+        assert!(
+            Instant::now() < deadline,
+            "acked segments were never deleted"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

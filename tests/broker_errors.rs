@@ -14,7 +14,9 @@ use prost::Message as _;
 use tonic::Code;
 use tonic::codec::{DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 fn msg(data: Vec<u8>) -> v1::PublishMessage {
     v1::PublishMessage {
@@ -73,7 +75,9 @@ async fn raw(channel: &Channel, path: &'static str, body: Vec<u8>) -> Result<(),
             .into_inner();
         return responses.message().await.map(|_| ());
     }
-    grpc.unary(tonic::Request::new(body), path, Raw).await.map(|_| ())
+    grpc.unary(tonic::Request::new(body), path, Raw)
+        .await
+        .map(|_| ())
 }
 
 /// Every RPC the broker serves.
@@ -142,7 +146,9 @@ async fn bad_input_gets_a_precise_status_naming_the_field() {
             }
             let probe = tokio::time::timeout(
                 ROW_TIMEOUT,
-                health.check(HealthCheckRequest { service: String::new() }),
+                health.check(HealthCheckRequest {
+                    service: String::new(),
+                }),
             )
             .await;
             match probe {
@@ -592,7 +598,10 @@ async fn bad_input_gets_a_precise_status_naming_the_field() {
         .await
         .unwrap()
         .into_inner();
-    assert!(!page.next_page_token.is_empty(), "three dead letters, page of one");
+    assert!(
+        !page.next_page_token.is_empty(),
+        "three dead letters, page of one"
+    );
     row!(
         "dead letters token of another subscription",
         a.list_dead_letters(v1::ListDeadLettersRequest {
@@ -622,19 +631,22 @@ async fn bad_input_gets_a_precise_status_naming_the_field() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(next.dead_letters.len(), 2, "an issued token goes on where the page ended");
+    assert_eq!(
+        next.dead_letters.len(),
+        2,
+        "an issued token goes on where the page ended"
+    );
 
     let mut failures = after_each;
     for (what, result, code, needle) in &rows {
         match result {
             Ok(()) => failures.push(format!("{what}: succeeded, expected {code:?}")),
-            Err(status) if status.code() != *code || !status.message().contains(needle) => {
-                failures.push(format!(
+            Err(status) if status.code() != *code || !status.message().contains(needle) => failures
+                .push(format!(
                     "{what}: got {:?} {:?}, expected {code:?} mentioning {needle:?}",
                     status.code(),
                     status.message().chars().take(300).collect::<String>()
-                ))
-            }
+                )),
             Err(status) if status.message().len() > 1100 => failures.push(format!(
                 "{what}: status message of {} bytes",
                 status.message().len()

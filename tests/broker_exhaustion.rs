@@ -25,7 +25,12 @@ fn closed_by_peer(s: &mut TcpStream, within: Duration) -> bool {
         match s.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => continue, // e.g. the server's SETTINGS frame
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 return false;
             }
             Err(_) => return true, // reset
@@ -54,7 +59,9 @@ async fn sockets_that_never_speak_are_closed_and_the_limit_holds() {
     );
     let target = addr(&broker.url);
     // 40 silent sockets fill the limit; the 41st is closed at once.
-    let mut idle: Vec<TcpStream> = (0..40).map(|_| TcpStream::connect(&target).unwrap()).collect();
+    let mut idle: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(&target).unwrap())
+        .collect();
     std::thread::sleep(Duration::from_millis(100));
     let mut over = TcpStream::connect(&target).unwrap();
     assert!(
@@ -94,12 +101,17 @@ async fn at_the_fd_limit_accept_backs_off_and_errors_are_resource_exhausted() {
     let target = addr(&broker.url);
     // Sockets until the broker stops accepting: the backlog holds the
     // rest, which the kernel still completes.
-    let idle: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(&target).unwrap()).collect();
+    let idle: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(&target).unwrap())
+        .collect();
     std::thread::sleep(Duration::from_millis(500));
     let before = cpu_seconds(pid);
     std::thread::sleep(Duration::from_secs(2));
     let used = cpu_seconds(pid) - before;
-    assert!(used < 0.5, "the broker used {used:.2} s of CPU in 2 s at the fd limit: accept is spinning");
+    assert!(
+        used < 0.5,
+        "the broker used {used:.2} s of CPU in 2 s at the fd limit: accept is spinning"
+    );
 
     // Creating topics needs descriptors: the first failure is
     // RESOURCE_EXHAUSTED, not INTERNAL.
@@ -146,7 +158,10 @@ async fn at_the_fd_limit_accept_backs_off_and_errors_are_resource_exhausted() {
     }
     let got = fresh.pull_n("s", 1, Duration::from_secs(5)).await;
     assert_eq!(common::text(&got[0]), "at the limit");
-    assert!(broker.child.try_wait().unwrap().is_none(), "the broker exited");
+    assert!(
+        broker.child.try_wait().unwrap().is_none(),
+        "the broker exited"
+    );
     broker.child.kill().unwrap();
     broker.child.wait().unwrap();
 }

@@ -144,9 +144,16 @@ async fn deleted_topics_and_subscriptions_stay_deleted_and_ids_are_never_reused(
         .await
         .unwrap();
     server.stop().await;
-    assert_eq!(std::fs::read_dir(tmp.path().join("topics")).unwrap().count(), 1);
     assert_eq!(
-        std::fs::read_dir(tmp.path().join("subscriptions")).unwrap().count(),
+        std::fs::read_dir(tmp.path().join("topics"))
+            .unwrap()
+            .count(),
+        1
+    );
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("subscriptions"))
+            .unwrap()
+            .count(),
         0
     );
 

@@ -368,7 +368,11 @@ async fn a_last_attempt_in_flight_at_restart_is_dead_lettered_not_delivered_agai
         let got = c.pull_n("s", 2, Duration::from_secs(3)).await;
         assert!(got.iter().all(|m| m.delivery_attempt == attempt));
         let fine: Vec<_> = got.iter().filter(|m| text(m) == "fine").cloned().collect();
-        let poison: Vec<_> = got.iter().filter(|m| text(m) == "poison").cloned().collect();
+        let poison: Vec<_> = got
+            .iter()
+            .filter(|m| text(m) == "poison")
+            .cloned()
+            .collect();
         if attempt < 3 {
             c.nack("s", ack_ids(&got), None).await;
         } else {
@@ -385,7 +389,10 @@ async fn a_last_attempt_in_flight_at_restart_is_dead_lettered_not_delivered_agai
     assert!(
         again.is_empty(),
         "delivered past the attempt limit: {:?}",
-        again.iter().map(|m| (text(m), m.delivery_attempt)).collect::<Vec<_>>()
+        again
+            .iter()
+            .map(|m| (text(m), m.delivery_attempt))
+            .collect::<Vec<_>>()
     );
     let dead = c.dead_letters("s").await;
     assert_eq!(dead.len(), 1);

@@ -403,7 +403,9 @@ async fn a_full_disk_fails_the_whole_batch_leaves_no_trace_and_passes() {
     log.append(&[rec("before")]).await.unwrap();
     // Room for part of the next batch only: the write is torn by ENOSPC.
     fs.set_space_left(Some(100));
-    let big: Vec<NewRecord> = (0..8).map(|i| rec(&format!("batch-{i}-{}", "x".repeat(40)))).collect();
+    let big: Vec<NewRecord> = (0..8)
+        .map(|i| rec(&format!("batch-{i}-{}", "x".repeat(40))))
+        .collect();
     let err = log.append(&big).await.unwrap_err();
     assert!(
         matches!(&err, courier::storage::StorageError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC)),

@@ -65,7 +65,10 @@ impl<U: prost::Message + Default> Decoder for StrictDecoder<U> {
         U::decode(buf).map(Some).map_err(|e| {
             Status::invalid_argument(format!(
                 "malformed message: not a valid {}: {e}",
-                std::any::type_name::<U>().rsplit("::").next().unwrap_or("message")
+                std::any::type_name::<U>()
+                    .rsplit("::")
+                    .next()
+                    .unwrap_or("message")
             ))
         })
     }

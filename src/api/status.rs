@@ -82,7 +82,11 @@ mod tests {
     fn long_messages_are_capped_at_a_char_boundary() {
         let status = invalid("name", "é".repeat(1_000_000));
         assert!(status.message().len() < STATUS_MESSAGE_BYTES_MAX + 40);
-        assert!(status.message().ends_with("bytes in all)"), "{}", status.message());
+        assert!(
+            status.message().ends_with("bytes in all)"),
+            "{}",
+            status.message()
+        );
         let short = invalid("name", "too short");
         assert_eq!(short.message(), "invalid name: too short");
     }

@@ -65,9 +65,7 @@ impl std::str::FromStr for AckId {
             return Err(());
         }
         let mut raw = [0u8; ACK_ID_BYTES + 2];
-        let n = URL_SAFE_NO_PAD
-            .decode_slice(s, &mut raw)
-            .map_err(|_| ())?;
+        let n = URL_SAFE_NO_PAD.decode_slice(s, &mut raw).map_err(|_| ())?;
         if n != ACK_ID_BYTES {
             return Err(());
         }
@@ -218,12 +216,16 @@ mod tests {
             assert!(!other.verify(5, &id), "valid under another key");
         }
         let id = key.issue(5, 12, 3);
-        let forged = AckId {
-            attempt: 4,
-            ..id
-        };
+        let forged = AckId { attempt: 4, ..id };
         assert!(!key.verify(5, &forged));
-        for bad in ["", "12-3", "a-b", &"A".repeat(38), &"!".repeat(38), &"A".repeat(39)] {
+        for bad in [
+            "",
+            "12-3",
+            "a-b",
+            &"A".repeat(38),
+            &"!".repeat(38),
+            &"A".repeat(39),
+        ] {
             let parsed = bad.parse::<AckId>();
             assert!(parsed.is_err() || !key.verify(5, &parsed.unwrap()), "{bad}");
         }

@@ -145,7 +145,9 @@ mod tests {
         for bad in ["", "9a", "-a", "a b", "a/b", "é", &"x".repeat(256)] {
             assert!(check_name("name", bad).is_err(), "{bad}");
         }
-        let long = check_name("name", &"x".repeat(1_000_000)).unwrap_err().to_string();
+        let long = check_name("name", &"x".repeat(1_000_000))
+            .unwrap_err()
+            .to_string();
         assert!(long.len() < 200, "{long}");
         assert!(long.contains("(1000000 bytes)"), "{long}");
     }

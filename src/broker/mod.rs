@@ -24,13 +24,12 @@ pub mod recovery;
 pub mod subscription;
 pub mod topic;
 
+pub use ack_id::{AckId, AckKey};
 pub use config::BrokerConfig;
 pub use dead_letter::{DeadLetter, DeadLetterReason};
 pub use error::{BrokerError, Result};
-pub use ack_id::{AckId, AckKey};
 pub use subscription::{
-    AckOutcome, ConsumerId, Delivery, LeaseLimits, MessageState, Subscription,
-    SubscriptionStats,
+    AckOutcome, ConsumerId, Delivery, LeaseLimits, MessageState, Subscription, SubscriptionStats,
 };
 pub use topic::Topic;
 
@@ -195,10 +194,9 @@ impl Broker {
                 &def.name,
             )?;
             let name = def.name.clone();
-            topics.write().insert(
-                name,
-                Topic::new(def, log, Arc::downgrade(&topics)),
-            );
+            topics
+                .write()
+                .insert(name, Topic::new(def, log, Arc::downgrade(&topics)));
         }
         let broker = Broker {
             inner: Arc::new(Inner {
@@ -698,7 +696,10 @@ impl Broker {
         detached(async move { this.create_subscription_in_task(spec).await }).await
     }
 
-    async fn create_subscription_in_task(&self, spec: SubscriptionSpec) -> Result<Arc<Subscription>> {
+    async fn create_subscription_in_task(
+        &self,
+        spec: SubscriptionSpec,
+    ) -> Result<Arc<Subscription>> {
         self.check_running()?;
         config::check_name("name", &spec.name)?;
         config::check_name("topic", &spec.topic)?;
@@ -1197,7 +1198,9 @@ async fn detached<T: Send + 'static>(
 }
 
 /// Runs blocking file and metadata work off the async runtime's threads.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     match tokio::task::spawn_blocking(work).await {
         Ok(result) => result,
         Err(e) => match e.try_into_panic() {

@@ -124,7 +124,13 @@ pub fn account(
                         subs.push(def);
                     }
                     Err(StorageError::AlreadyExists { .. }) => {
-                        set_aside(fs, layout, dir, "another subscription has its name", &mut out)?;
+                        set_aside(
+                            fs,
+                            layout,
+                            dir,
+                            "another subscription has its name",
+                            &mut out,
+                        )?;
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -273,8 +279,7 @@ fn set_aside(
     }
     fs.rename(dir, &target)
         .map_err(|e| StorageError::io(dir, e))?;
-    fs.sync_dir(&lost)
-        .map_err(|e| StorageError::io(&lost, e))?;
+    fs.sync_dir(&lost).map_err(|e| StorageError::io(&lost, e))?;
     if let Some(parent) = dir.parent() {
         fs.sync_dir(parent)
             .map_err(|e| StorageError::io(parent, e))?;

@@ -385,11 +385,21 @@ impl Subscription {
     /// messages get them. Nothing at those offsets was ever sent.
     pub(crate) fn forget_from(&self, end: Offset) {
         let mut core = self.core.lock();
-        let doomed: Vec<u64> = core.leases.keys().copied().filter(|o| *o >= end.0).collect();
+        let doomed: Vec<u64> = core
+            .leases
+            .keys()
+            .copied()
+            .filter(|o| *o >= end.0)
+            .collect();
         for o in doomed {
             core.remove_lease(o);
         }
-        let stale: Vec<(Instant, u64)> = core.ready.iter().copied().filter(|(_, o)| *o >= end.0).collect();
+        let stale: Vec<(Instant, u64)> = core
+            .ready
+            .iter()
+            .copied()
+            .filter(|(_, o)| *o >= end.0)
+            .collect();
         for (at, o) in stale {
             core.ready.remove(&(at, o));
             core.ready_at.remove(&o);
@@ -583,8 +593,7 @@ impl Subscription {
                     if offset > core.cursor {
                         lost_ranges.push((core.cursor, offset));
                     }
-                    if core.state.settled.contains(offset)
-                        || core.dead_lettering.contains(&offset)
+                    if core.state.settled.contains(offset) || core.dead_lettering.contains(&offset)
                     {
                         core.cursor = offset + 1;
                         continue;
@@ -1133,10 +1142,16 @@ impl Subscription {
                 }
                 let retried: HashSet<u64> = retry.iter().map(|d| d.offset).collect();
                 core.dead_letter_due.extend(retry);
-                let gone: Vec<u64> = offsets.iter().copied().filter(|o| !retried.contains(o)).collect();
+                let gone: Vec<u64> = offsets
+                    .iter()
+                    .copied()
+                    .filter(|o| !retried.contains(o))
+                    .collect();
                 if !gone.is_empty() {
                     let ranges = core.settle(&gone);
-                    let _ = self.journal.enqueue(self.id(), &[StateEntry::Settled { ranges }]);
+                    let _ = self
+                        .journal
+                        .enqueue(self.id(), &[StateEntry::Settled { ranges }]);
                 }
                 return Err(e.into());
             }

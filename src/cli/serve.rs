@@ -354,7 +354,9 @@ pub fn merge(flags: Settings, env: Settings, file: Settings) -> anyhow::Result<R
         options: ServeOptions {
             listen,
             broker,
-            connections_max: s.connections_max.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            connections_max: s
+                .connections_max
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             handshake_timeout: s.handshake_timeout.map(std::time::Duration::from_millis),
         },
         log_format: s.log_format.unwrap_or_default(),

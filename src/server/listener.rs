@@ -89,7 +89,11 @@ pub fn raise_fd_limit() -> u64 {
         };
         // SAFETY: setrlimit reads the struct we pass.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            tracing::info!(from = before, to = lim.rlim_max, "raised the file descriptor limit");
+            tracing::info!(
+                from = before,
+                to = lim.rlim_max,
+                "raised the file descriptor limit"
+            );
             return lim.rlim_max;
         }
         tracing::warn!(error = %io::Error::last_os_error(), limit = before, "cannot raise the file descriptor limit");
@@ -142,7 +146,13 @@ pub fn incoming(
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
                 // The peer gave up before we accepted: nothing to do.
-                Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::Interrupted
+                    ) => {}
                 Err(e) => {
                     if due(&mut accept_warned) {
                         tracing::error!(error = %e, "accept failed; pausing accept");
@@ -184,7 +194,12 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn new(stream: TcpStream, peer: SocketAddr, timeout: Duration, open: &Arc<AtomicUsize>) -> Connection {
+    fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        timeout: Duration,
+        open: &Arc<AtomicUsize>,
+    ) -> Connection {
         // Small responses must not wait for delayed ACKs.
         let _ = stream.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
@@ -220,7 +235,11 @@ impl Connected for Connection {
 }
 
 impl AsyncRead for Connection {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if let Some((deadline, _)) = &mut this.handshake {
             if deadline.as_mut().poll(cx).is_ready() {
@@ -243,7 +262,11 @@ impl AsyncRead for Connection {
 }
 
 impl AsyncWrite for Connection {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -272,6 +295,9 @@ mod tests {
     fn the_default_connection_limit_leaves_room_for_files() {
         assert_eq!(ConnectionLimits::for_fd_limit(1024).connections_max, 480);
         assert_eq!(ConnectionLimits::for_fd_limit(64).connections_max, 16);
-        assert_eq!(ConnectionLimits::for_fd_limit(1 << 20).connections_max, ((1 << 20) - 64) / 2);
+        assert_eq!(
+            ConnectionLimits::for_fd_limit(1 << 20).connections_max,
+            ((1 << 20) - 64) / 2
+        );
     }
 }

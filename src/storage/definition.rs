@@ -83,7 +83,9 @@ pub fn read<T: DeserializeOwned>(fs: &dyn Fs, dir: &Path, kind: &str) -> Result<
         detail,
     };
     if len > DEFINITION_FILE_BYTES_MAX {
-        return Err(format(format!("{len} bytes; a definition is at most {DEFINITION_FILE_BYTES_MAX}")));
+        return Err(format(format!(
+            "{len} bytes; a definition is at most {DEFINITION_FILE_BYTES_MAX}"
+        )));
     }
     let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
     let mut at = 0usize;
@@ -149,6 +151,9 @@ mod tests {
             read::<TopicDef>(&fs, dir, "subscription"),
             Err(StorageError::Format { .. })
         ));
-        assert_eq!(read::<TopicDef>(&fs, Path::new("/d/none"), "topic").unwrap(), None);
+        assert_eq!(
+            read::<TopicDef>(&fs, Path::new("/d/none"), "topic").unwrap(),
+            None
+        );
     }
 }

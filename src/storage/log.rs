@@ -1045,7 +1045,9 @@ impl Shared {
         let io = |e| StorageError::io(&active.path, e);
         if !extra.is_empty() {
             for seg in &extra {
-                let _ = self.fs.remove_file(&self.dir.join(index_file_name(seg.base)));
+                let _ = self
+                    .fs
+                    .remove_file(&self.dir.join(index_file_name(seg.base)));
                 if let Err(e) = self.fs.remove_file(&seg.path) {
                     if e.kind() != std::io::ErrorKind::NotFound {
                         // Keep the list whole: the next try removes it.
@@ -1056,7 +1058,9 @@ impl Shared {
                 }
             }
             // The roll sealed the segment that is active again.
-            let _ = self.fs.remove_file(&self.dir.join(index_file_name(active.base)));
+            let _ = self
+                .fs
+                .remove_file(&self.dir.join(index_file_name(active.base)));
             self.fs
                 .sync_dir(&self.dir)
                 .map_err(|e| StorageError::io(&self.dir, e))?;
@@ -1664,7 +1668,10 @@ fn roll_segment(shared: &Shared, active: &Segment, next: Offset) -> Result<()> {
     let fresh = {
         let mut segments = shared.segments.write();
         segments.push(Arc::new(seg));
-        Mark::of(segments.len(), &segments.last().expect("just pushed").state.read())
+        Mark::of(
+            segments.len(),
+            &segments.last().expect("just pushed").state.read(),
+        )
     };
     // Everything before the new segment is synced, and so is its header.
     *shared.synced.lock() = fresh;

@@ -126,8 +126,8 @@ impl MetaStore {
         let topics = db.open_tree(TREE_TOPICS).map_err(meta_err)?;
         let subs = db.open_tree(TREE_SUBSCRIPTIONS).map_err(meta_err)?;
         let data_path = dir.join(SLED_DATA_FILE);
-        let data_file = std::fs::File::open(&data_path)
-            .map_err(|e| StorageError::io(&data_path, e))?;
+        let data_file =
+            std::fs::File::open(&data_path).map_err(|e| StorageError::io(&data_path, e))?;
         let store = Self {
             db,
             topics,
