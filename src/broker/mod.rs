@@ -153,10 +153,15 @@ impl Broker {
     pub async fn open(config: BrokerConfig) -> Result<Broker> {
         let fs: Arc<dyn Fs> = Arc::new(OsFs);
         let dir = config.data_dir.clone();
-        fs.create_dir_all(&dir)
+        // Every directory created here is synced into its parent: a power
+        // cut must not take a new data directory with what it holds.
+        crate::storage::io::create_dir_all_durable(fs.as_ref(), &dir)
             .map_err(|e| StorageError::io(&dir, e))?;
         let lock = lock_data_dir(&dir)?;
-        let meta = MetaStore::open(&dir.join(DIR_META))?;
+        let meta_dir = dir.join(DIR_META);
+        crate::storage::io::create_dir_all_durable(fs.as_ref(), &meta_dir)
+            .map_err(|e| StorageError::io(&meta_dir, e))?;
+        let meta = MetaStore::open(&meta_dir)?;
         let ack_key = AckKey::load_or_create(fs.as_ref(), &dir)?;
         let log_config = topic_log_config(&config);
         let journal_config = LogConfig {

@@ -20,6 +20,32 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+/// Creates `dir` and its missing parents, and makes each created entry
+/// durable by syncing the directory it was created in: without that, a
+/// power cut can take a new directory, fdatasync'd files and all.
+pub fn create_dir_all_durable(fs: &dyn Fs, dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !fs.exists(at) {
+        missing.push(at);
+        match at.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+            _ => break,
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    fs.create_dir_all(dir)?;
+    for created in missing.iter().rev() {
+        match created.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => fs.sync_dir(parent)?,
+            _ => fs.sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
+}
+
 /// A file opened through [`Fs`]. Shared by the writer and readers of a log.
 // `len` is a file's size; an `is_empty` would add nothing to this interface.
 #[allow(clippy::len_without_is_empty)]

@@ -335,11 +335,7 @@ impl Log {
         if !fs.exists(dir) {
             // The directory's own entry must be durable too, or a power cut
             // could take every fdatasync'd segment with it.
-            fs.create_dir_all(dir).map_err(io)?;
-            if let Some(parent) = dir.parent() {
-                fs.sync_dir(parent)
-                    .map_err(|e| StorageError::io(parent, e))?;
-            }
+            crate::storage::io::create_dir_all_durable(fs.as_ref(), dir).map_err(io)?;
         }
         let mut report = RecoveryReport::default();
         let names = fs.list_dir(dir).map_err(io)?;
