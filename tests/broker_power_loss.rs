@@ -52,6 +52,23 @@ fn mount(test: &str) -> Option<Mount> {
     Some(Mount { fs, _tmp: tmp })
 }
 
+/// What src/broker/recovery.rs logs when it repairs something (see
+/// [`Broker::repairs`]).
+const REPAIRS: [&str; 4] = [
+    "the metadata store had lost",
+    "was set aside; nothing was deleted",
+    "directory is missing",
+    "never completed",
+];
+
+#[test]
+fn the_repairs_looked_for_are_what_recovery_logs() {
+    let recovery = include_str!("../src/broker/recovery.rs");
+    for r in REPAIRS {
+        assert!(recovery.contains(r), "recovery.rs no longer logs {r:?}");
+    }
+}
+
 /// A broker child that is killed if the test fails half-way.
 struct Broker(ChildBroker);
 
@@ -79,12 +96,7 @@ impl Broker {
             .log
             .lock()
             .iter()
-            .filter(|l| {
-                l.contains("the metadata store had lost")
-                    || l.contains("set aside")
-                    || l.contains("directory is missing")
-                    || l.contains("never completed")
-            })
+            .filter(|l| REPAIRS.iter().any(|r| l.contains(r)))
             .cloned()
             .collect()
     }
@@ -199,13 +211,19 @@ async fn power_cut_after_create_and_publish_keeps_topic_subscription_and_message
         .expect("the subscription survives")
         .into_inner();
     assert_eq!(sub.topic, "orders");
-    let got = c.pull_n("billing", published.len() + 1, Duration::from_secs(5)).await;
+    let got = c
+        .pull_n("billing", published.len() + 1, Duration::from_secs(5))
+        .await;
     let got: BTreeMap<String, String> = got
         .iter()
         .map(|m| (text(m), m.message.as_ref().unwrap().message_id.clone()))
         .collect();
     assert_eq!(got, published, "every published message, once, with its id");
-    assert_eq!(broker.repairs(), Vec::<String>::new(), "sled kept every definition");
+    assert_eq!(
+        broker.repairs(),
+        Vec::<String>::new(),
+        "sled kept every definition"
+    );
     assert!(m.fs.stats().file_syncs > 0);
 }
 
@@ -424,7 +442,12 @@ impl Record {
 
 /// One cycle's traffic until the broker dies: three publishers, one
 /// consumer of "work" that acks everything it gets.
-async fn traffic(c: Clients, cycle: u64, record: Arc<Mutex<Record>>, findings: Arc<Mutex<Findings>>) {
+async fn traffic(
+    c: Clients,
+    cycle: u64,
+    record: Arc<Mutex<Record>>,
+    findings: Arc<Mutex<Findings>>,
+) {
     let mut tasks = Vec::new();
     for p in 0..3u64 {
         let mut c = c.clone();
@@ -607,7 +630,13 @@ async fn power_cuts_under_load_lose_no_publish_and_redeliver_no_ack() {
         f.delivered_then_lost.len(),
         f.attempts_not_growing.len(),
     );
-    assert!(rec.published.len() > 50 * cycles as usize, "too little traffic to test");
-    assert!(rec.acked.len() > 10 * cycles as usize, "too few acks to test");
+    assert!(
+        rec.published.len() > 50 * cycles as usize,
+        "too little traffic to test"
+    );
+    assert!(
+        rec.acked.len() > 10 * cycles as usize,
+        "too few acks to test"
+    );
     assert_eq!(f.total(), 0, "{f:#?}");
 }

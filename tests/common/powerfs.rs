@@ -37,10 +37,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request, TimeOrNow, WriteFlags,
+    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
 };
 use parking_lot::Mutex;
 
@@ -303,7 +303,9 @@ impl Tree {
         new_name: &OsStr,
         flags: RenameFlags,
     ) -> Result<()> {
-        if flags.contains(RenameFlags::RENAME_EXCHANGE) || flags.contains(RenameFlags::RENAME_WHITEOUT) {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE)
+            || flags.contains(RenameFlags::RENAME_WHITEOUT)
+        {
             return Err(Errno::EINVAL);
         }
         let ino = self.child(parent, name)?;
@@ -848,8 +850,12 @@ impl Drop for PowerFs {
         if let Err(e) = session.umount_and_join() {
             // Busy (a process still has files open): detach it, so the
             // directory can go; the kernel ends the session once idle.
-            eprintln!("PowerFs: unmount {}: {e}; detaching", self.mountpoint.display());
-            if let Ok(path) = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes()) {
+            eprintln!(
+                "PowerFs: unmount {}: {e}; detaching",
+                self.mountpoint.display()
+            );
+            if let Ok(path) = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes())
+            {
                 // SAFETY: a valid NUL-terminated path.
                 unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
             }
