@@ -640,3 +640,33 @@ async fn power_cuts_under_load_lose_no_publish_and_redeliver_no_ack() {
     );
     assert_eq!(f.total(), 0, "{f:#?}");
 }
+
+/// Known bug, found with PowerFs: `Broker::open` creates a missing data
+/// directory with `create_dir_all` and never fsyncs its parent, so the first
+/// power cut takes the whole directory, acknowledged publishes included.
+/// Un-ignore once the broker syncs the directories it creates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: a data directory the broker creates is not synced into its parent"]
+async fn power_cut_keeps_a_data_dir_the_broker_created() {
+    let Some(m) = mount("power_cut_keeps_a_data_dir_the_broker_created") else {
+        return;
+    };
+    let dir = m.dir().join("new/data");
+    let broker = Broker::start(&dir);
+    let mut c = broker.clients().await;
+    c.create_topic("t").await;
+    c.create_sub("s", "t").await;
+    c.publish("t", &["kept"]).await;
+    broker.power_loss(&m.fs);
+
+    assert!(dir.exists(), "the data directory survives");
+    let broker = Broker::start(&dir);
+    let mut c = broker.clients().await;
+    let got: Vec<String> = c
+        .pull_n("s", 1, Duration::from_secs(2))
+        .await
+        .iter()
+        .map(text)
+        .collect();
+    assert_eq!(got, ["kept"]);
+}
