@@ -353,6 +353,13 @@ async fn power_cut_after_delete_keeps_it_deleted() {
         .collect();
     assert_eq!(got, BTreeSet::from(["k1".to_string(), "k2".to_string()]));
     assert_eq!(broker.repairs(), Vec::<String>::new());
+    for kind in ["topics", "subscriptions"] {
+        let left: Vec<String> = std::fs::read_dir(m.dir().join(kind))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left.len(), 1, "only the live {kind} are left: {left:?}");
+    }
     assert!(
         !m.dir().join("lost+found").exists(),
         "nothing set aside: {:?}",
