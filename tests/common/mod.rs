@@ -17,6 +17,8 @@ use courier::server::{ServeOptions, run};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
+pub mod powerfs;
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub dir: PathBuf,
@@ -255,6 +257,8 @@ pub fn ack_ids(msgs: &[v1::ReceivedMessage]) -> Vec<String> {
 pub struct ChildBroker {
     pub child: Child,
     pub url: String,
+    /// Every line the broker wrote to stderr so far.
+    pub log: std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
 }
 
 /// Starts `courier serve` on `dir` and waits for its address.
@@ -297,10 +301,13 @@ pub fn spawn_broker_with(dir: &std::path::Path, args: &[&str], nofile: Option<u6
         .expect("start courier serve");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let log = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let lines = log.clone();
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
+            lines.lock().push(line.clone());
             if let Some(rest) = line.split("listening on ").nth(1) {
                 let addr: String = rest
                     .chars()
@@ -318,5 +325,6 @@ pub fn spawn_broker_with(dir: &std::path::Path, args: &[&str], nofile: Option<u6
     ChildBroker {
         child,
         url: format!("http://{addr}"),
+        log,
     }
 }
