@@ -255,6 +255,18 @@ async fn size_retention_drops_old_messages_even_for_a_lagging_subscription() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(first > 0, "retention never ran");
+    // A message retention removed is not in the topic any more: NOT_FOUND,
+    // never "acked".
+    let gone = c
+        .admin
+        .get_message_status(v1::GetMessageStatusRequest {
+            topic: "t".into(),
+            message_id: "0".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), tonic::Code::NotFound, "{gone:?}");
+    assert!(gone.message().contains("removed by retention"), "{gone:?}");
     // The subscription skips what is gone and gets the rest, in order.
     let retained = usize::try_from(600 - first).unwrap();
     let got = c.pull_n("lagging", retained, Duration::from_secs(5)).await;

@@ -974,6 +974,14 @@ impl Broker {
                 name: message_id.to_string(),
             });
         }
+        if message_id < topic.log.first_offset().0 {
+            // Removed by retention: it is not in the topic any more, and
+            // what its subscriptions did with it is not known.
+            return Err(BrokerError::NotFound {
+                kind: "message",
+                name: format!("{message_id} (removed by retention)"),
+            });
+        }
         let publish_time_us = topic
             .log
             .read(
