@@ -446,7 +446,13 @@ impl Broker {
         // then drop the definition: at every step a crash leaves either the
         // topic or an acknowledged deletion, never a definition without its
         // data or data without a definition.
-        topic.log.close();
+        // Joining the writer thread blocks: not on a runtime thread.
+        let closing = topic.clone();
+        blocking(move || {
+            closing.log.close();
+            Ok(())
+        })
+        .await?;
         let (fs, meta) = (self.inner.fs.clone(), self.inner.meta.clone());
         let dir = self.topic_dir(topic.def().id);
         let (doomed_name, dir_again) = (name.to_string(), dir.clone());
@@ -842,7 +848,12 @@ impl Broker {
         // No new leases, no dead-letter log reopened while its directory
         // moves; then the same order as for a topic (see delete_topic).
         sub.mark_deleted();
-        sub.dlq.close();
+        let closing = sub.clone();
+        blocking(move || {
+            closing.dlq.close();
+            Ok(())
+        })
+        .await?;
         let (fs, meta) = (self.inner.fs.clone(), self.inner.meta.clone());
         let dir = self.sub_dir(sub.id());
         let doomed_name = name.to_string();
