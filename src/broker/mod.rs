@@ -1061,6 +1061,30 @@ impl Broker {
         }
     }
 
+    /// Closes the broker (as [`Broker::close`]) and waits until nothing
+    /// else holds it, so that the data directory's lock is released when
+    /// this returns: a new broker may open the directory at once. Tasks
+    /// still holding it after [`RELEASE_WAIT`] are reported and left.
+    pub async fn close_and_release(self) {
+        let ticker = self.inner.ticker.lock().take();
+        self.close();
+        if let Some(t) = ticker {
+            t.abort();
+            let _ = t.await;
+        }
+        let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+        while Arc::strong_count(&self.inner) > 1 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    holders = Arc::strong_count(&self.inner) - 1,
+                    "tasks still hold the broker after it closed; the data directory stays locked until they end"
+                );
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// Stops the ticker and closes every log after syncing it.
     pub fn close(&self) {
         self.begin_shutdown();
@@ -1220,6 +1244,9 @@ async fn detached<T: Send + 'static>(
         },
     }
 }
+
+/// How long [`Broker::close_and_release`] waits for tasks to let go.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs blocking file and metadata work off the async runtime's threads.
 async fn blocking<T: Send + 'static>(

@@ -171,7 +171,9 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, stop)
         .await;
     health_watch.abort();
-    broker.close();
+    let _ = health_watch.await;
+    // Returns once the data directory is unlocked.
+    broker.close_and_release().await;
     served.context("gRPC server failed")?;
     tracing::info!("shut down cleanly");
     Ok(())
