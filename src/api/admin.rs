@@ -451,6 +451,10 @@ impl Admin for AdminService {
             topics: s.topics,
             subscriptions: s.subscriptions,
             fsync_mode: s.fsync,
+            memory_max_bytes: s.memory_max_bytes,
+            tail_cache_bytes: s.memory.cache_bytes,
+            pending_append_bytes: s.memory.appends_bytes,
+            queued_delivery_bytes: s.memory.deliveries_bytes,
         }))
     }
 }

@@ -25,8 +25,8 @@ use crate::broker::config::{
     PULL_MESSAGES_MAX, PULL_WAIT_MS_MAX, REASON_BYTES_MAX, STREAM_OUTSTANDING_BYTES_DEFAULT,
     STREAM_OUTSTANDING_MESSAGES_DEFAULT, STREAM_OUTSTANDING_MESSAGES_MAX,
 };
-use crate::broker::subscription::Leased;
-use crate::broker::subscription::PULL_CONSUMER;
+use crate::broker::memory::{DeliveryQueue, DeliveryReservation, STREAM_QUEUED_BYTES_MAX};
+use crate::broker::subscription::{Leased, PULL_CONSUMER, frame_bytes};
 use crate::broker::{AckId, AckOutcome, Broker, ConsumerId, LeaseLimits, Subscription};
 use crate::storage::AppendTicket;
 
@@ -183,25 +183,39 @@ impl Subscriber for SubscriberService {
             let notified = sub.wake_signal().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let limits = LeaseLimits {
-                messages_max: req.max_messages as usize,
-                bytes_max: u64::MAX,
-                allow_oversize: true,
-                batch_bytes_max: DELIVERY_RESPONSE_BYTES_MAX,
-                deadline: Duration::from_millis(sub.def().ack_deadline_ms),
-            };
-            let deliveries = sub
-                .lease(PULL_CONSUMER, limits)
-                .await
-                .map_err(status::to_status)?;
-            if !deliveries.is_empty() || Instant::now() >= until || self.broker.is_shutting_down() {
-                return Ok(Response::new(v1::PullResponse {
-                    received_messages: deliveries.iter().map(convert::received).collect(),
-                }));
+            // Room for the response in the broker's memory budget first;
+            // without it, wait as if nothing were ready.
+            let memory = self.broker.memory();
+            let reserved = memory.try_reserve_deliveries(None, DELIVERY_RESPONSE_BYTES_MAX);
+            let starved = reserved.is_none();
+            if let Some(mut reservation) = reserved {
+                let limits = LeaseLimits {
+                    messages_max: req.max_messages as usize,
+                    bytes_max: u64::MAX,
+                    allow_oversize: true,
+                    batch_bytes_max: DELIVERY_RESPONSE_BYTES_MAX,
+                    deadline: Duration::from_millis(sub.def().ack_deadline_ms),
+                };
+                let deliveries = sub
+                    .lease(PULL_CONSUMER, limits)
+                    .await
+                    .map_err(status::to_status)?;
+                if !deliveries.is_empty() {
+                    let bytes = frame_bytes(&deliveries);
+                    memory.grow_deliveries(&mut reservation, bytes).await;
+                    reservation.shrink_to(bytes);
+                    return Ok(Response::new(v1::PullResponse {
+                        received_messages: deliveries.iter().map(convert::received).collect(),
+                    }));
+                }
+            }
+            if Instant::now() >= until || self.broker.is_shutting_down() {
+                return Ok(Response::new(v1::PullResponse::default()));
             }
             tokio::select! {
-                _ = topic.changed() => {}
+                _ = topic.changed(), if !starved => {}
                 _ = notified => {}
+                _ = tokio::time::sleep(STREAM_RECHECK), if starved => {}
                 _ = tokio::time::sleep_until(until.into()) => {}
             }
         }
@@ -239,10 +253,13 @@ impl Subscriber for SubscriberService {
             sub,
             consumer,
             settings,
+            queue: DeliveryQueue::new(STREAM_QUEUED_BYTES_MAX),
             tx,
         };
         tokio::spawn(stream.run(first, inbound));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // The transport takes a response here: its memory reservation ends.
+        let responses = ReceiverStream::new(rx).map(|queued: Queued| queued.response);
+        Ok(Response::new(Box::pin(responses)))
     }
 
     async fn acknowledge(
@@ -293,8 +310,9 @@ impl Subscriber for SubscriberService {
 
 /// Something for the stream's sender task to send, in order.
 enum Outgoing {
-    /// Deliveries, once their attempt numbers are durable.
-    Deliveries(Leased),
+    /// Deliveries, once their attempt numbers are durable, with the memory
+    /// reserved for them.
+    Deliveries(Leased, DeliveryReservation),
     /// Ack results, once the acks are durable.
     Results(Option<AppendTicket>, Vec<v1::AckResult>),
 }
@@ -313,22 +331,45 @@ struct StreamTask {
     sub: Arc<Subscription>,
     consumer: ConsumerId,
     settings: StreamSettings,
-    tx: mpsc::Sender<Result<v1::StreamingPullResponse, Status>>,
+    /// This stream's bound on bytes leased and not yet taken by the
+    /// transport.
+    queue: DeliveryQueue,
+    tx: mpsc::Sender<Queued>,
 }
 
+/// A response waiting for the transport, holding the memory reserved for
+/// its messages until the transport takes it.
+struct Queued {
+    response: Result<v1::StreamingPullResponse, Status>,
+    _held: Option<DeliveryReservation>,
+}
+
+impl Queued {
+    fn status(status: Status) -> Self {
+        Self {
+            response: Err(status),
+            _held: None,
+        }
+    }
+}
+
+/// A response and the memory reserved for it.
+type Built = (v1::StreamingPullResponse, Option<DeliveryReservation>);
+
 /// An outgoing item on its way to becoming a response.
-type Resolving = Pin<Box<dyn Future<Output = Result<v1::StreamingPullResponse, Status>> + Send>>;
+type Resolving = Pin<Box<dyn Future<Output = Result<Built, Status>> + Send>>;
 
 /// Waits for `item` to be durable and builds its response.
 fn resolve(item: Outgoing) -> Resolving {
     Box::pin(async move {
         match item {
-            Outgoing::Deliveries(leased) => {
+            Outgoing::Deliveries(leased, reservation) => {
                 let deliveries = leased.durable().await.map_err(status::to_status)?;
-                Ok(v1::StreamingPullResponse {
+                let response = v1::StreamingPullResponse {
                     received_messages: deliveries.iter().map(convert::received).collect(),
                     ack_results: Vec::new(),
-                })
+                };
+                Ok((response, Some(reservation)))
             }
             Outgoing::Results(ticket, ack_results) => {
                 if let Some(ticket) = ticket {
@@ -337,10 +378,11 @@ fn resolve(item: Outgoing) -> Resolving {
                         .await
                         .map_err(|e| status::to_status(e.into()))?;
                 }
-                Ok(v1::StreamingPullResponse {
+                let response = v1::StreamingPullResponse {
                     received_messages: Vec::new(),
                     ack_results,
-                })
+                };
+                Ok((response, None))
             }
         }
     })
@@ -351,10 +393,7 @@ fn resolve(item: Outgoing) -> Resolving {
 /// Ack results queued next to a batch of deliveries and already durable
 /// (the same journal sync usually covers both) go out in the same
 /// response, so the client reads one message instead of several.
-async fn send_in_order(
-    mut items: mpsc::Receiver<Outgoing>,
-    tx: mpsc::Sender<Result<v1::StreamingPullResponse, Status>>,
-) {
+async fn send_in_order(mut items: mpsc::Receiver<Outgoing>, tx: mpsc::Sender<Queued>) {
     let mut next: Option<Resolving> = None;
     loop {
         let resolving = match next.take() {
@@ -364,10 +403,10 @@ async fn send_in_order(
                 None => return,
             },
         };
-        let mut response = match resolving.await {
-            Ok(r) => r,
+        let (mut response, mut held) = match resolving.await {
+            Ok(built) => built,
             Err(status) => {
-                let _ = tx.send(Err(status)).await;
+                let _ = tx.send(Queued::status(status)).await;
                 return;
             }
         };
@@ -378,7 +417,7 @@ async fn send_in_order(
         while let Ok(item) = items.try_recv() {
             let mut resolving = resolve(item);
             match std::future::poll_fn(|cx| Poll::Ready(resolving.as_mut().poll(cx))).await {
-                Poll::Ready(Ok(more)) => {
+                Poll::Ready(Ok((more, more_held))) => {
                     // One batch of deliveries per response, so the batches
                     // the stream task sized for pipelining stay apart.
                     let both_deliver = !response.received_messages.is_empty()
@@ -390,11 +429,17 @@ async fn send_in_order(
                         total <= DELIVERY_RESPONSE_BYTES_MAX
                     };
                     if !fits {
-                        next = Some(Box::pin(std::future::ready(Ok(more))));
+                        next = Some(Box::pin(std::future::ready(Ok((more, more_held)))));
                         break;
                     }
                     response.received_messages.extend(more.received_messages);
                     response.ack_results.extend(more.ack_results);
+                    if let Some(more_held) = more_held {
+                        match &mut held {
+                            Some(held) => held.absorb(more_held),
+                            None => held = Some(more_held),
+                        }
+                    }
                 }
                 Poll::Ready(Err(status)) => {
                     failed = Some(status);
@@ -406,11 +451,15 @@ async fn send_in_order(
                 }
             }
         }
-        if tx.send(Ok(response)).await.is_err() {
+        let queued = Queued {
+            response: Ok(response),
+            _held: held,
+        };
+        if tx.send(queued).await.is_err() {
             return; // the client went away
         }
         if let Some(status) = failed {
-            let _ = tx.send(Err(status)).await;
+            let _ = tx.send(Queued::status(status)).await;
             return;
         }
     }
@@ -431,9 +480,10 @@ impl StreamTask {
         drop(out_tx);
         let _ = sender.await;
         if let Err(status) = end {
-            let _ = task.tx.send(Err(status)).await;
+            let _ = task.tx.send(Queued::status(status)).await;
         }
         task.sub.release_consumer(task.consumer).await;
+        task.broker.memory().stream_ended();
         tracing::debug!(subscription = %name, consumer = task.consumer, "stream ended");
     }
 
@@ -466,7 +516,18 @@ impl StreamTask {
             let has_credit =
                 held.messages < self.settings.messages_max && held.bytes < self.settings.bytes_max;
             let mut sent = false;
-            if has_credit {
+            // Room for a batch in the broker's memory budget and in this
+            // stream's queue, reserved before the batch is read: a client
+            // that stops reading stops being sent to.
+            let reserved = if has_credit {
+                self.broker
+                    .memory()
+                    .try_reserve_deliveries(Some(&self.queue), DELIVERY_RESPONSE_BYTES_MAX)
+            } else {
+                None
+            };
+            let can_lease = reserved.is_some();
+            if let Some(mut reservation) = reserved {
                 let limits = LeaseLimits {
                     messages_max: usize::try_from(self.settings.messages_max - held.messages)
                         .unwrap_or(usize::MAX)
@@ -482,7 +543,17 @@ impl StreamTask {
                     .map_err(status::to_status)?;
                 if !leased.is_empty() {
                     sent = true;
-                    if out.send(Outgoing::Deliveries(leased)).await.is_err() {
+                    let bytes = leased.frame_bytes();
+                    self.broker
+                        .memory()
+                        .grow_deliveries(&mut reservation, bytes)
+                        .await;
+                    reservation.shrink_to(bytes);
+                    if out
+                        .send(Outgoing::Deliveries(leased, reservation))
+                        .await
+                        .is_err()
+                    {
                         return Ok(()); // the sender stopped: the client went away
                     }
                 }
@@ -498,7 +569,7 @@ impl StreamTask {
                     Some(Err(_)) | None => return Ok(()),
                 },
                 _ = self.tx.closed() => return Ok(()),
-                _ = topic.changed(), if has_credit && !sent => {}
+                _ = topic.changed(), if can_lease && !sent => {}
                 _ = &mut notified, if !sent => {}
                 _ = tokio::time::sleep(recheck) => {}
             }

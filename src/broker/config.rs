@@ -57,7 +57,12 @@ pub struct BrokerConfig {
     pub segment_bytes_max: u64,
     /// Largest message: data + attribute keys and values + ordering key.
     pub message_bytes_max: usize,
-    /// Per topic: bytes of recent records served from memory.
+    /// The memory budget of message bytes held in memory, for the whole
+    /// broker: tail caches, pending appends and queued deliveries share it
+    /// (see `broker::memory`).
+    pub memory_bytes_max: u64,
+    /// For the whole broker: bytes of recent records served from memory,
+    /// part of `memory_bytes_max` (at most half of it).
     pub tail_cache_bytes_max: u64,
     /// Per subscription: how far past the ack floor messages are handed
     /// out. Bounds the memory of lease and attempt tracking; when reached,
@@ -85,7 +90,8 @@ impl BrokerConfig {
             fsync: FsyncMode::Always,
             segment_bytes_max: 64 * 1024 * 1024,
             message_bytes_max: 10 * 1024 * 1024,
-            tail_cache_bytes_max: 8 * 1024 * 1024,
+            memory_bytes_max: 1024 * 1024 * 1024,
+            tail_cache_bytes_max: 256 * 1024 * 1024,
             unacked_window_max: 100_000,
             journal_compact_bytes: 64 * 1024 * 1024,
             journal_defer_ms: 5,

@@ -20,6 +20,7 @@ pub mod ack_id;
 pub mod config;
 pub mod dead_letter;
 pub mod error;
+pub mod memory;
 pub mod recovery;
 pub mod subscription;
 pub mod topic;
@@ -28,6 +29,7 @@ pub use ack_id::{AckId, AckKey};
 pub use config::BrokerConfig;
 pub use dead_letter::{DeadLetter, DeadLetterReason};
 pub use error::{BrokerError, Result};
+pub use memory::MemoryBudget;
 pub use subscription::{
     AckOutcome, ConsumerId, Delivery, LeaseLimits, MessageState, Subscription, SubscriptionStats,
 };
@@ -103,6 +105,8 @@ pub struct BrokerStats {
     pub topics: u32,
     pub subscriptions: u32,
     pub fsync: String,
+    pub memory_max_bytes: u64,
+    pub memory: memory::MemoryUse,
 }
 
 /// A message's status on each subscription of its topic.
@@ -133,6 +137,7 @@ struct Inner {
     meta: MetaStore,
     journal: StateJournal,
     ack_key: AckKey,
+    memory: MemoryBudget,
     topics: Arc<TopicMap>,
     subs: RwLock<HashMap<String, Arc<Subscription>>>,
     /// Serializes admin changes (create, delete, update).
@@ -163,12 +168,18 @@ impl Broker {
             .map_err(|e| StorageError::io(&meta_dir, e))?;
         let meta = MetaStore::open(&meta_dir)?;
         let ack_key = AckKey::load_or_create(fs.as_ref(), &dir)?;
-        let log_config = topic_log_config(&config);
+        let memory = MemoryBudget::new(&config)?;
+        let log_config = topic_log_config(&config, &memory);
         let journal_config = LogConfig {
+            segment_bytes_max: config.segment_bytes_max,
+            fsync: config.fsync,
             defer_max: Duration::from_millis(config.journal_defer_ms),
             // Acks free space: they must not fail when topics fill the disk.
             preallocate: true,
-            ..log_config.clone()
+            // Read only at start and when compacting; its entries are small.
+            tail_cache_bytes_max: 0,
+            pending_bytes_max: JOURNAL_PENDING_BYTES_MAX,
+            ..LogConfig::default()
         };
         let (journal, mut states) =
             StateJournal::open(fs.clone(), &dir.join(DIR_STATE), journal_config)?;
@@ -209,6 +220,7 @@ impl Broker {
                 meta,
                 journal,
                 ack_key,
+                memory,
                 topics,
                 subs: RwLock::new(HashMap::new()),
                 admin: tokio::sync::Mutex::new(()),
@@ -262,6 +274,7 @@ impl Broker {
             segment_bytes_max: DEAD_LETTER_SEGMENT_BYTES,
             fsync: self.inner.config.fsync,
             tail_cache_bytes_max: 0,
+            shared_memory: Some(self.inner.memory.logs()),
             ..LogConfig::default()
         };
         let dlq = dead_letter::DeadLetterLog::new(dir, self.inner.fs.clone(), dlq_config);
@@ -380,7 +393,10 @@ impl Broker {
         // The directory and its definition file first, then the store: a
         // crash in between leaves a directory that recovery restores.
         let (fs, meta) = (self.inner.fs.clone(), self.inner.meta.clone());
-        let (dir, config) = (self.topic_dir(def.id), topic_log_config(&self.inner.config));
+        let (dir, config) = (
+            self.topic_dir(def.id),
+            topic_log_config(&self.inner.config, &self.inner.memory),
+        );
         let stored = def.clone();
         let log = blocking(move || {
             let log = open_log(fs.clone(), &dir, config, &stored.name)?;
@@ -473,7 +489,7 @@ impl Broker {
                 let log = open_log(
                     self.inner.fs.clone(),
                     &dir_again,
-                    topic_log_config(&self.inner.config),
+                    topic_log_config(&self.inner.config, &self.inner.memory),
                     name,
                 )?;
                 self.inner.topics.write().insert(
@@ -503,6 +519,11 @@ impl Broker {
         if let Err(e) = removed {
             tracing::warn!(dir = %shown, error = %e, "cannot remove a deleted directory yet; the next start removes it");
         }
+    }
+
+    /// The broker's memory budget and what it holds.
+    pub fn memory(&self) -> &MemoryBudget {
+        &self.inner.memory
     }
 
     pub fn topic_stats(&self, name: &str) -> Result<TopicStats> {
@@ -1026,6 +1047,8 @@ impl Broker {
             topics: u32::try_from(self.inner.topics.read().len()).unwrap_or(u32::MAX),
             subscriptions: u32::try_from(self.inner.subs.read().len()).unwrap_or(u32::MAX),
             fsync: self.inner.config.fsync.to_string(),
+            memory_max_bytes: self.inner.config.memory_bytes_max,
+            memory: self.inner.memory.in_use(),
         }
     }
 
@@ -1106,6 +1129,13 @@ impl Broker {
     /// A failure on one topic is logged and the others still run; the
     /// first error is returned.
     pub async fn housekeeping(&self) -> Result<()> {
+        if self.inner.memory.take_trim_wanted() {
+            let _ = blocking(|| {
+                memory::trim();
+                Ok(())
+            })
+            .await;
+        }
         let mut first_error = None;
         for topic in self.topics() {
             if let Err(e) = self.topic_housekeeping(&topic).await {
@@ -1222,14 +1252,18 @@ fn open_log(fs: Arc<dyn Fs>, dir: &Path, config: LogConfig, name: &str) -> Resul
 }
 
 /// Log settings of a topic's log.
-fn topic_log_config(config: &BrokerConfig) -> LogConfig {
+fn topic_log_config(config: &BrokerConfig, memory: &MemoryBudget) -> LogConfig {
     LogConfig {
         segment_bytes_max: config.segment_bytes_max,
         fsync: config.fsync,
-        tail_cache_bytes_max: config.tail_cache_bytes_max,
+        shared_memory: Some(memory.logs()),
         ..LogConfig::default()
     }
 }
+
+/// Pending appends of the state journal, outside the memory budget (one
+/// log of small entries).
+const JOURNAL_PENDING_BYTES_MAX: u64 = 16 * 1024 * 1024;
 
 /// Runs `work` in a task of its own, so that dropping the caller's future
 /// (a cancelled RPC) cannot stop it half-way.

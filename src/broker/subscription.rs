@@ -91,6 +91,11 @@ impl Leased {
         self.deliveries.is_empty()
     }
 
+    /// Stored size of the leased messages ([`Record::frame_len`]).
+    pub fn frame_bytes(&self) -> u64 {
+        frame_bytes(&self.deliveries)
+    }
+
     /// Waits until the attempt numbers are durable; then the deliveries may
     /// be handed out.
     ///
@@ -105,6 +110,11 @@ impl Leased {
             .await?;
         Ok(self.deliveries)
     }
+}
+
+/// Stored size of `deliveries` ([`Record::frame_len`]).
+pub fn frame_bytes(deliveries: &[Delivery]) -> u64 {
+    deliveries.iter().map(|d| d.record.frame_len() as u64).sum()
 }
 
 /// Limits of one lease call.

@@ -39,6 +39,7 @@ pub const ENV_LOG_FORMAT: &str = "COURIER_LOG_FORMAT";
 pub const ENV_SEGMENT_BYTES: &str = "COURIER_SEGMENT_BYTES";
 pub const ENV_MAX_MESSAGE_BYTES: &str = "COURIER_MAX_MESSAGE_BYTES";
 pub const ENV_TAIL_CACHE_BYTES: &str = "COURIER_TAIL_CACHE_BYTES";
+pub const ENV_MEMORY_MAX: &str = "COURIER_MEMORY_MAX";
 pub const ENV_UNACKED_WINDOW_MAX: &str = "COURIER_UNACKED_WINDOW_MAX";
 pub const ENV_CONNECTIONS_MAX: &str = "COURIER_CONNECTIONS_MAX";
 pub const ENV_HANDSHAKE_TIMEOUT: &str = "COURIER_HANDSHAKE_TIMEOUT";
@@ -96,9 +97,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", value_parser = parse::bytes)]
     pub max_message_bytes: Option<u64>,
 
-    /// Per topic: bytes of recent messages served from memory [env: COURIER_TAIL_CACHE_BYTES]
+    /// Whole broker: bytes of recent messages served from memory, part of --memory-max [env: COURIER_TAIL_CACHE_BYTES] [default: 256MiB]
     #[arg(long, value_name = "BYTES", value_parser = parse::bytes)]
     pub tail_cache_bytes: Option<u64>,
+
+    /// Whole broker: message bytes held in memory (tail caches, pending appends, queued deliveries) [env: COURIER_MEMORY_MAX] [default: 1GiB]
+    #[arg(long, value_name = "BYTES", value_parser = parse::bytes)]
+    pub memory_max: Option<u64>,
 
     /// Per subscription: how far past the ack floor messages are handed out [env: COURIER_UNACKED_WINDOW_MAX]
     #[arg(long, value_name = "N")]
@@ -123,6 +128,7 @@ pub struct Settings {
     pub segment_bytes: Option<u64>,
     pub max_message_bytes: Option<u64>,
     pub tail_cache_bytes: Option<u64>,
+    pub memory_max: Option<u64>,
     pub unacked_window_max: Option<u64>,
     pub connections_max: Option<u64>,
     /// Milliseconds.
@@ -147,6 +153,7 @@ struct FileConfig {
     segment_bytes: Option<ByteSize>,
     max_message_bytes: Option<ByteSize>,
     tail_cache_bytes: Option<ByteSize>,
+    memory_max: Option<ByteSize>,
     unacked_window_max: Option<u64>,
     connections_max: Option<u64>,
     handshake_timeout: Option<String>,
@@ -192,6 +199,7 @@ impl Settings {
             segment_bytes: args.segment_bytes,
             max_message_bytes: args.max_message_bytes,
             tail_cache_bytes: args.tail_cache_bytes,
+            memory_max: args.memory_max,
             unacked_window_max: args.unacked_window_max,
             connections_max: args.connections_max,
             handshake_timeout: args.handshake_timeout,
@@ -231,6 +239,7 @@ impl Settings {
                 get(ENV_TAIL_CACHE_BYTES),
                 parse::bytes,
             )?,
+            memory_max: parsed(ENV_MEMORY_MAX, get(ENV_MEMORY_MAX), parse::bytes)?,
             unacked_window_max: parsed(ENV_UNACKED_WINDOW_MAX, get(ENV_UNACKED_WINDOW_MAX), count)?,
             connections_max: parsed(ENV_CONNECTIONS_MAX, get(ENV_CONNECTIONS_MAX), count)?,
             handshake_timeout: parsed(
@@ -276,6 +285,7 @@ impl Settings {
             segment_bytes: file.segment_bytes.map(|b| b.0),
             max_message_bytes: file.max_message_bytes.map(|b| b.0),
             tail_cache_bytes: file.tail_cache_bytes.map(|b| b.0),
+            memory_max: file.memory_max.map(|b| b.0),
             unacked_window_max: file.unacked_window_max,
             connections_max: file.connections_max,
             handshake_timeout: file
@@ -296,6 +306,7 @@ impl Settings {
             segment_bytes: self.segment_bytes.or(lower.segment_bytes),
             max_message_bytes: self.max_message_bytes.or(lower.max_message_bytes),
             tail_cache_bytes: self.tail_cache_bytes.or(lower.tail_cache_bytes),
+            memory_max: self.memory_max.or(lower.memory_max),
             unacked_window_max: self.unacked_window_max.or(lower.unacked_window_max),
             connections_max: self.connections_max.or(lower.connections_max),
             handshake_timeout: self.handshake_timeout.or(lower.handshake_timeout),
@@ -340,6 +351,10 @@ pub fn merge(flags: Settings, env: Settings, file: Settings) -> anyhow::Result<R
     if let Some(n) = s.tail_cache_bytes {
         broker.tail_cache_bytes_max = n;
     }
+    if let Some(n) = s.memory_max {
+        broker.memory_bytes_max = n;
+    }
+    crate::broker::memory::MemoryShares::of(&broker).map_err(anyhow::Error::msg)?;
     if let Some(n) = s.unacked_window_max {
         anyhow::ensure!(n >= 1, "unacked_window_max must be at least 1");
         broker.unacked_window_max = n;
@@ -559,6 +574,8 @@ mod tests {
             "1024",
             "--tail-cache-bytes",
             "0",
+            "--memory-max",
+            "512MiB",
             "--unacked-window-max",
             "5",
             "--connections-max",
@@ -578,6 +595,7 @@ mod tests {
                 segment_bytes: Some(8 << 20),
                 max_message_bytes: Some(1024),
                 tail_cache_bytes: Some(0),
+                memory_max: Some(512 << 20),
                 unacked_window_max: Some(5),
                 connections_max: Some(7),
                 handshake_timeout: Some(2000),

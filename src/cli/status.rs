@@ -155,6 +155,10 @@ impl StatsArgs {
                 "resident_memory_bytes": st.resident_memory_bytes,
                 "data_dir_bytes": st.data_dir_bytes,
                 "fsync_mode": st.fsync_mode,
+                "memory_max_bytes": st.memory_max_bytes,
+                "tail_cache_bytes": st.tail_cache_bytes,
+                "pending_append_bytes": st.pending_append_bytes,
+                "queued_delivery_bytes": st.queued_delivery_bytes,
             }))?;
         } else {
             // Whole seconds read better than humantime's ms/us/ns tail.
@@ -167,6 +171,16 @@ impl StatsArgs {
                 ("resident_memory", bytes_human(st.resident_memory_bytes)),
                 ("data_dir_size", bytes_human(st.data_dir_bytes)),
                 ("fsync", st.fsync_mode.clone()),
+                (
+                    "memory_budget",
+                    format!(
+                        "{} (tail caches {}, pending appends {}, queued deliveries {})",
+                        bytes_human(st.memory_max_bytes),
+                        bytes_human(st.tail_cache_bytes),
+                        bytes_human(st.pending_append_bytes),
+                        bytes_human(st.queued_delivery_bytes)
+                    ),
+                ),
             ])?;
         }
         s.out.flush()?;

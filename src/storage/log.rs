@@ -32,7 +32,6 @@
 //! are served from an in-memory tail cache of the encoded batches; older
 //! ones are read from the segment files with one read per call.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +41,7 @@ use bytes::{Bytes, BytesMut};
 use parking_lot::{Condvar, Mutex, RwLock};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
+use crate::storage::cache::{CacheBudget, TailCache};
 use crate::storage::error::{Result, StorageError};
 use crate::storage::io::{File, Fs, OpenMode};
 use crate::storage::record::{self, NewRecord, Record};
@@ -62,10 +62,15 @@ pub struct LogConfig {
     pub index_interval_bytes: u64,
     /// When an append is complete; see [`FsyncMode`].
     pub fsync: FsyncMode,
-    /// Bytes of recently written batches kept in memory for readers.
+    /// Bytes of recently written batches kept in memory for readers
+    /// (ignored with `shared_memory`).
     pub tail_cache_bytes_max: u64,
-    /// Encoded bytes that may wait for the writer before `append` waits.
+    /// Encoded bytes that may wait for the writer before `append` waits
+    /// (ignored with `shared_memory`).
     pub pending_bytes_max: u64,
+    /// Pools shared with other logs in place of this log's own
+    /// `tail_cache_bytes_max` and `pending_bytes_max`.
+    pub shared_memory: Option<SharedMemory>,
     /// Longest a batch queued with [`Log::enqueue_deferred`] waits for an
     /// ordinary batch to share its write and sync before the writer writes
     /// it by itself.
@@ -84,9 +89,40 @@ impl Default for LogConfig {
             fsync: FsyncMode::Always,
             tail_cache_bytes_max: 8 * 1024 * 1024,
             pending_bytes_max: 64 * 1024 * 1024,
+            shared_memory: None,
             defer_max: Duration::from_millis(5),
             preallocate: false,
         }
+    }
+}
+
+/// Memory pools that many logs share, so that one setting bounds them all
+/// whatever the number of logs.
+#[derive(Debug, Clone)]
+pub struct SharedMemory {
+    /// Encoded bytes of appends waiting for their writers, in all logs.
+    pub appends: Arc<Semaphore>,
+    /// Permits in `appends` (the largest batch that can wait).
+    pub appends_bytes_max: usize,
+    /// Every log's tail cache.
+    pub cache: Arc<CacheBudget>,
+}
+
+impl SharedMemory {
+    pub fn new(appends_bytes_max: u64, cache_bytes_max: u64) -> Self {
+        let appends_bytes_max = usize::try_from(appends_bytes_max)
+            .unwrap_or(usize::MAX)
+            .clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            appends: Arc::new(Semaphore::new(appends_bytes_max)),
+            appends_bytes_max,
+            cache: CacheBudget::new(cache_bytes_max),
+        }
+    }
+
+    /// Bytes of appends waiting for their writers now.
+    pub fn appends_bytes(&self) -> usize {
+        self.appends_bytes_max - self.appends.available_permits()
     }
 }
 
@@ -219,14 +255,6 @@ impl Pending {
     }
 }
 
-/// A chunk of the tail cache: the encoded frames of `[first, next)`.
-#[derive(Debug)]
-struct CacheChunk {
-    first: Offset,
-    next: Offset,
-    data: Bytes,
-}
-
 #[derive(Debug)]
 struct Shared {
     dir: PathBuf,
@@ -240,9 +268,12 @@ struct Shared {
     /// Offset after the last record written to the file (visible or not).
     written_next: AtomicU64,
     written_tx: watch::Sender<Offset>,
-    cache: RwLock<VecDeque<CacheChunk>>,
-    cache_bytes: AtomicU64,
+    cache: Arc<TailCache>,
+    /// Room for pending appends: this log's own, or shared.
     space: Arc<Semaphore>,
+    space_permits_max: usize,
+    /// `space` is this log's alone (closed with the log).
+    space_owned: bool,
     /// The log's state as of its last successful fdatasync: what a failed
     /// sync rewinds to.
     synced: Mutex<Mark>,
@@ -384,9 +415,10 @@ impl Log {
             .unwrap_or(0);
         let (visible_tx, _) = watch::channel(next);
         let (written_tx, _) = watch::channel(next);
-        let pending_bytes = usize::try_from(config.pending_bytes_max)
-            .unwrap_or(usize::MAX)
-            .min(Semaphore::MAX_PERMITS);
+        let memory = config.shared_memory.clone().unwrap_or_else(|| {
+            SharedMemory::new(config.pending_bytes_max, config.tail_cache_bytes_max)
+        });
+        let space_owned = config.shared_memory.is_none();
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             fs,
@@ -401,9 +433,10 @@ impl Log {
             visible_tx,
             written_next: AtomicU64::new(next.0),
             written_tx,
-            cache: RwLock::new(VecDeque::new()),
-            cache_bytes: AtomicU64::new(0),
-            space: Arc::new(Semaphore::new(pending_bytes)),
+            cache: TailCache::new(memory.cache),
+            space: memory.appends,
+            space_permits_max: memory.appends_bytes_max,
+            space_owned,
             synced: Mutex::new(synced),
             rewinds: AtomicU64::new(0),
             rewind_listener: Mutex::new(ListenerSlot(None)),
@@ -443,7 +476,7 @@ impl Log {
     /// after leaves the append to complete on its own.
     pub async fn append(&self, records: &[NewRecord]) -> Result<Appended> {
         let bytes: usize = records.iter().map(NewRecord::frame_len).sum();
-        let permits = bytes.clamp(1, self.shared.space_permits_max());
+        let permits = bytes.clamp(1, self.shared.space_permits_max);
         let permit = self
             .shared
             .space
@@ -729,7 +762,7 @@ impl Log {
     }
 
     fn read_cache(&self, from: Offset, visible: Offset, limits: ReadLimits) -> Option<ReadBatch> {
-        let cache = self.shared.cache.read();
+        let cache = self.shared.cache.chunks();
         let front = cache.front()?;
         if from < front.first {
             return None;
@@ -950,16 +983,12 @@ impl Log {
 }
 
 impl Shared {
-    fn space_permits_max(&self) -> usize {
-        usize::try_from(self.config.pending_bytes_max)
-            .unwrap_or(usize::MAX)
-            .clamp(1, Semaphore::MAX_PERMITS)
-    }
-
     fn close_and_join(&self, thread: &Mutex<Option<std::thread::JoinHandle<()>>>) {
         self.pending.lock().closed = true;
         self.wake.notify_all();
-        self.space.close();
+        if self.space_owned {
+            self.space.close();
+        }
         if let Some(handle) = thread.lock().take() {
             let _ = handle.join();
         }
@@ -973,21 +1002,6 @@ impl Shared {
             .last()
             .expect("a log always has an active segment")
             .clone()
-    }
-
-    fn push_cache(&self, first: Offset, next: Offset, data: Bytes) {
-        let max = self.config.tail_cache_bytes_max;
-        if max == 0 || data.is_empty() {
-            return;
-        }
-        let mut cache = self.cache.write();
-        let mut bytes = self.cache_bytes.load(Ordering::Relaxed) + data.len() as u64;
-        cache.push_back(CacheChunk { first, next, data });
-        while bytes > max {
-            let Some(old) = cache.pop_front() else { break };
-            bytes -= old.data.len() as u64;
-        }
-        self.cache_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// The log's state now.
@@ -1071,14 +1085,7 @@ impl Shared {
             st.max_time_us = to.max_time_us;
         }
         *self.synced.lock() = to;
-        {
-            let mut cache = self.cache.write();
-            while cache.back().is_some_and(|c| c.next > to.next) {
-                cache.pop_back();
-            }
-            let bytes = cache.iter().map(|c| c.data.len() as u64).sum();
-            self.cache_bytes.store(bytes, Ordering::Relaxed);
-        }
+        self.cache.drop_from(to.next);
         self.rewinds.fetch_add(1, Ordering::AcqRel);
         // Still under the write lock: nothing is written at `to.next` before
         // the listener has forgotten what it knew about those offsets.
@@ -1548,7 +1555,7 @@ fn complete_write(
     }
     let last = batches.last().expect("non-empty").appended.last_offset;
     let first = batches[0].appended.base_offset;
-    shared.push_cache(first, Offset(last.0 + 1), buf);
+    shared.cache.push(first, Offset(last.0 + 1), buf);
     shared.written_next.store(last.0 + 1, Ordering::Release);
     shared.written_tx.send_replace(Offset(last.0 + 1));
     if sync {

@@ -2,7 +2,8 @@
 //!
 //! - [`Log`] (log.rs): an append-only log split into segment files
 //!   (segment.rs) of CRC-framed records (record.rs), with group commit,
-//!   sparse offset and time indexes, a tail cache, recovery and retention.
+//!   sparse offset and time indexes, a tail cache (cache.rs, with the
+//!   budget all logs' caches share), recovery and retention.
 //! - [`state`]: subscription state (ack floors, acked ranges, delivery
 //!   attempts, dead-letter removals) journaled in one broker-wide log.
 //! - [`meta`]: topic and subscription definitions in sled; the only module
@@ -13,6 +14,7 @@
 //!
 //! This layer knows nothing of gRPC or of the broker's delivery logic.
 
+pub mod cache;
 pub mod definition;
 pub mod error;
 pub mod io;
@@ -25,6 +27,7 @@ pub mod state;
 pub use error::{Result, StorageError};
 pub use log::{
     AppendTicket, Appended, Log, LogConfig, LogStats, ReadBatch, ReadLimits, RecoveryReport,
+    SharedMemory,
 };
 pub use record::{Attribute, NewRecord, Record};
 

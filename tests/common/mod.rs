@@ -71,6 +71,12 @@ impl TestServer {
         }
     }
 
+    /// Removes `tmp` (the data directory's parent) when the server is
+    /// dropped.
+    pub fn keep_dir(&mut self, tmp: tempfile::TempDir) {
+        self._tmp = Some(tmp);
+    }
+
     /// Stops the server gracefully and keeps the data directory.
     pub async fn stop(mut self) -> (Option<tempfile::TempDir>, PathBuf) {
         let _ = self.shutdown.take().unwrap().send(());
