@@ -834,31 +834,40 @@ impl Log {
 
     /// Retention by age and size: deletes sealed segments whose newest
     /// record is older than `max_age_us` before now, then the oldest sealed
-    /// segments while the log is over `max_bytes`.
+    /// segments while the log is over `max_bytes` (see
+    /// [`Log::retention_cut`]).
     pub fn enforce_retention(
         &self,
         max_age_us: Option<u64>,
         max_bytes: Option<u64>,
     ) -> Result<u32> {
-        let mut deleted = 0;
+        self.truncate_before(self.retention_cut(max_age_us, max_bytes))
+    }
+
+    /// Where retention by age and size would cut the log: the offset below
+    /// which [`Log::truncate_before`] deletes what the limits allow, that is
+    /// the sealed segments whose newest record is older than `max_age_us`
+    /// before now, then the oldest sealed segments while the log is over
+    /// `max_bytes`. Deletes nothing itself, so a caller can first account
+    /// for what is about to go. The active segment is never cut.
+    pub fn retention_cut(&self, max_age_us: Option<u64>, max_bytes: Option<u64>) -> Offset {
+        let segments = self.shared.segments.read();
+        let sealed = segments.len() - 1;
+        let mut n = 0;
         if let Some(age) = max_age_us {
             let cutoff = now_us().saturating_sub(age);
-            deleted +=
-                self.delete_segments_while(|seg, _| seg.state.read().max_time_us < cutoff)?;
+            while n < sealed && segments[n].state.read().max_time_us < cutoff {
+                n += 1;
+            }
         }
         if let Some(max) = max_bytes {
-            let mut total = self.stats().disk_bytes;
-            deleted += self.delete_segments_while(|seg, _| {
-                let len = seg.state.read().len;
-                if total > max {
-                    total -= len;
-                    true
-                } else {
-                    false
-                }
-            })?;
+            let mut total: u64 = segments[n..].iter().map(|s| s.state.read().len).sum();
+            while n < sealed && total > max {
+                total -= segments[n].state.read().len;
+                n += 1;
+            }
         }
-        Ok(deleted)
+        segments[n].base
     }
 
     fn delete_segments_while(&self, mut pred: impl FnMut(&Segment, Offset) -> bool) -> Result<u32> {
