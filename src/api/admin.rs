@@ -62,6 +62,7 @@ impl Admin for AdminService {
             .map_or_else(Retention::default, |r| Retention {
                 max_age_ms: r.max_age_ms,
                 max_bytes: r.max_bytes,
+                ..Retention::default()
             });
         let topic = self
             .broker
@@ -264,6 +265,7 @@ impl Admin for AdminService {
             dead_lettered_messages: s.dead_lettered_messages,
             oldest_unacked_age_ms: s.oldest_unacked_age_ms,
             ack_floor_offset: s.ack_floor,
+            dropped_by_retention: s.dropped_by_retention,
         }))
     }
 

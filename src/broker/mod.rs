@@ -61,8 +61,6 @@ const DIR_DEAD_LETTERS: &str = "dead-letters";
 const LOCK_FILE: &str = "courier.lock";
 /// Segment size of dead-letter logs.
 const DEAD_LETTER_SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
-/// How often retention and journal compaction run.
-const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 
 /// A new subscription, as an admin asks for it.
 #[derive(Debug, Clone, Default)]
@@ -1125,31 +1123,45 @@ impl Broker {
         }
     }
 
+    /// One retention pass over a topic. With a limit set, the offset the
+    /// limits cut at is first recorded, durably, by every subscription
+    /// (each counts what it had not settled and says so in one log line),
+    /// and only then are the segments deleted: a crash in between leaves
+    /// segments that the next pass deletes, never a loss nobody counted.
+    /// Then, in every mode, segments every subscription has settled are
+    /// deleted. File removal runs off the runtime's threads.
     async fn topic_housekeeping(&self, topic: &Arc<Topic>) -> Result<()> {
-        let def = topic.def();
-        if def.retention.max_age_ms.is_some() || def.retention.max_bytes.is_some() {
-            topic.log.enforce_retention(
-                def.retention.max_age_ms.map(|ms| ms * 1000),
-                def.retention.max_bytes,
-            )?;
-            let first = topic.log.first_offset();
-            for sub in topic.subscriptions() {
-                sub.skip_below(first).await?;
-            }
-        }
+        let retention = topic.def().retention;
         let subs = topic.subscriptions();
+        let mut first = topic.log.first_offset();
+        if retention.max_age_ms.is_some() || retention.max_bytes.is_some() {
+            first = first.max(topic.log.retention_cut(
+                retention.max_age_ms.map(|ms| ms.saturating_mul(1000)),
+                retention.max_bytes,
+            ));
+        }
+        // Also catches up a subscription whose floor is below what an
+        // earlier pass (or one before a restart) already removed.
+        for sub in &subs {
+            sub.drop_below(first).await?;
+        }
         let floor = subs
             .iter()
             .map(|s| s.ack_floor())
             .min()
-            .unwrap_or_else(|| topic.log.next_offset());
-        topic.log.truncate_before(floor)?;
-        for sub in subs {
-            if let Some(dlq) = sub.dlq.existing()? {
-                dlq.truncate_before(sub.dlq_floor())?;
+            .unwrap_or_else(|| topic.log.next_offset())
+            .max(first);
+        let log = topic.log.clone();
+        blocking(move || {
+            log.truncate_before(floor)?;
+            for sub in subs {
+                if let Some(dlq) = sub.dlq.existing()? {
+                    dlq.truncate_before(sub.dlq_floor())?;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 
     /// Compacts the state journal: every entry queued before `cut` belongs
@@ -1179,8 +1191,11 @@ impl Broker {
 }
 
 async fn ticker_loop(inner: std::sync::Weak<Inner>) {
-    let tick = match inner.upgrade() {
-        Some(i) => Duration::from_millis(i.config.tick_ms.max(1)),
+    let (tick, housekeeping_every) = match inner.upgrade() {
+        Some(i) => (
+            Duration::from_millis(i.config.tick_ms.max(1)),
+            Duration::from_millis(i.config.housekeeping_ms),
+        ),
         None => return,
     };
     let mut interval = tokio::time::interval(tick);
@@ -1197,7 +1212,7 @@ async fn ticker_loop(inner: std::sync::Weak<Inner>) {
         for sub in subs {
             sub.tick().await;
         }
-        if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
+        if last_housekeeping.elapsed() >= housekeeping_every {
             last_housekeeping = Instant::now();
             if let Err(e) = broker.housekeeping().await {
                 tracing::error!(error = %e, "housekeeping failed");
