@@ -1,9 +1,13 @@
-//! Retention against a real broker: each subscription counts (durably,
-//! and in one log line per pass) the messages it lost. Segments are 64 KiB so retention has something to cut, and
+//! Retention against a real broker: under drop-oldest each subscription
+//! counts (durably, and in one log line per pass) the messages it lost;
+//! under reject-publish nothing unsettled is removed and Publish is
+//! RESOURCE_EXHAUSTED at the bound until consumers catch up, without a
+//! restart. Segments are 64 KiB so retention has something to cut, and
 //! in-process brokers run housekeeping every 100 ms instead of every second.
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{ChildBroker, Clients, TestServer, ack_ids, spawn_broker_with};
@@ -19,12 +23,19 @@ fn test_config(dir: &std::path::Path) -> BrokerConfig {
     config
 }
 
+/// Starts an in-process broker on a fresh directory.
+async fn start() -> (TestServer, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    (TestServer::start_with(test_config(tmp.path())).await, tmp)
+}
+
 const PAYLOAD_BYTES: usize = 1000;
 
-fn retention(max_bytes: u64) -> Option<v1::RetentionPolicy> {
+fn retention(max_bytes: u64, mode: v1::RetentionMode) -> Option<v1::RetentionPolicy> {
     Some(v1::RetentionPolicy {
         max_age_ms: None,
         max_bytes: Some(max_bytes),
+        mode: mode as i32,
     })
 }
 
@@ -116,7 +127,7 @@ async fn drop_oldest_counts_what_each_subscription_lost_logs_it_and_keeps_the_co
     create_topic(
         &mut c,
         "t",
-        retention(128 * 1024),
+        retention(128 * 1024, v1::RetentionMode::DropOldest),
     )
     .await;
     c.create_sub("lagging", "t").await;
@@ -197,7 +208,7 @@ async fn the_drop_count_survives_journal_compaction_and_a_restart() {
     create_topic(
         &mut c,
         "t",
-        retention(128 * 1024),
+        retention(128 * 1024, v1::RetentionMode::DropOldest),
     )
     .await;
     c.create_sub("lagging", "t").await;
@@ -225,5 +236,197 @@ async fn the_drop_count_survives_journal_compaction_and_a_restart() {
     let server = TestServer::start_with(config).await;
     let mut c = server.clients().await;
     assert_eq!(c.stats("lagging").await.dropped_by_retention, dropped);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reject_publish_refuses_at_the_bound_and_accepts_again_once_consumers_catch_up() {
+    const MAX_BYTES: u64 = 96 * 1024;
+    let (server, _tmp) = start().await;
+    let mut c = server.clients().await;
+    create_topic(
+        &mut c,
+        "t",
+        retention(MAX_BYTES, v1::RetentionMode::RejectPublish),
+    )
+    .await;
+    c.create_sub("s", "t").await;
+    c.create_sub("other", "t").await;
+    let mut published: Vec<String> = Vec::new();
+    let refused = loop {
+        match publish_batch(&mut c, "t", 10).await {
+            Ok(ids) => published.extend(ids),
+            Err(status) => break status,
+        }
+        assert!(published.len() < 10_000, "never refused");
+    };
+    // The gRPC status the protocol documents, naming the topic and bound.
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    for part in [
+        "topic \"t\"",
+        "retention.max_bytes of 98304 bytes",
+        "reject-publish",
+    ] {
+        assert!(refused.message().contains(part), "{part}: {refused:?}");
+    }
+    let stored = published.len() as u64 * PAYLOAD_BYTES as u64;
+    assert!(
+        stored >= MAX_BYTES - 10 * 1024 && stored < MAX_BYTES + 10 * 1024,
+        "refused after {stored} bytes of payload"
+    );
+    // Still refused housekeeping passes later, and nothing was removed.
+    tokio::time::sleep(Duration::from_millis(3 * HOUSEKEEPING_MS)).await;
+    let err = publish_batch(&mut c, "t", 1).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(topic_stats(&mut c, "t").await.first_offset, 0);
+    assert_eq!(
+        c.stats("s").await.backlog_messages,
+        published.len() as u64
+    );
+
+    // One subscription catching up is not enough: the backlog is measured
+    // from the lowest ack floor.
+    let all = published.len();
+    let got = c.pull_n("s", all, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), all);
+    c.ack("s", ack_ids(&got)).await;
+    let err = publish_batch(&mut c, "t", 1).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+
+    // The other acks its oldest half: publishes are accepted at once, with
+    // no restart and no wait for housekeeping.
+    let got = c.pull_n("other", all, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), all);
+    let (older, newer) = got.split_at(all / 2);
+    c.ack("other", ack_ids(older)).await;
+    published.extend(publish_batch(&mut c, "t", 10).await.unwrap());
+    c.ack("other", ack_ids(newer)).await;
+    for _ in 0..3 {
+        published.extend(publish_batch(&mut c, "t", 10).await.unwrap());
+    }
+
+    // Nothing acknowledged was lost: every id published is delivered to
+    // both subscriptions, and neither counted a drop.
+    let rest = published.len() - all;
+    for sub in ["s", "other"] {
+        let got = c.pull_n(sub, rest, Duration::from_secs(5)).await;
+        c.ack(sub, ack_ids(&got)).await;
+        let ids: BTreeSet<&str> = got
+            .iter()
+            .map(|m| m.message.as_ref().unwrap().message_id.as_str())
+            .collect();
+        let want: BTreeSet<&str> = published[all..].iter().map(String::as_str).collect();
+        assert_eq!(ids, want, "{sub}");
+        let stats = c.stats(sub).await;
+        assert_eq!(stats.backlog_messages, 0, "{sub}");
+        assert_eq!(stats.dropped_by_retention, 0, "{sub}");
+    }
+    // Settled segments leave the disk on the ticker.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while topic_stats(&mut c, "t").await.segments > 1 {
+        assert!(tokio::time::Instant::now() < deadline, "settled segments kept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reject_publish_without_subscriptions_keeps_nothing_for_anyone_and_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(test_config(tmp.path())).await;
+    let mut c = server.clients().await;
+    create_topic(
+        &mut c,
+        "t",
+        retention(32 * 1024, v1::RetentionMode::RejectPublish),
+    )
+    .await;
+    // No subscription can ever receive these: they are settled for all
+    // (none), so nothing is refused and sealed segments go.
+    for _ in 0..20 {
+        publish_batch(&mut c, "t", 10).await.unwrap();
+    }
+    server.stop().await;
+    let server = TestServer::start_with(test_config(tmp.path())).await;
+    let mut c = server.clients().await;
+    let topic = c
+        .admin
+        .get_topic(v1::GetTopicRequest { name: "t".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let kept = topic.retention.unwrap();
+    assert_eq!(kept.mode, v1::RetentionMode::RejectPublish as i32);
+    assert_eq!(kept.max_bytes, Some(32 * 1024));
+    // Still the same mode after the restart.
+    c.create_sub("s", "t").await;
+    let err = loop {
+        if let Err(e) = publish_batch(&mut c, "t", 10).await {
+            break e;
+        }
+    };
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn retention_modes_are_checked_against_the_limits() {
+    let (server, _tmp) = start().await;
+    let mut c = server.clients().await;
+    let cases = [
+        (
+            v1::RetentionPolicy {
+                max_age_ms: None,
+                max_bytes: None,
+                mode: v1::RetentionMode::RejectPublish as i32,
+            },
+            "invalid retention.mode",
+        ),
+        (
+            v1::RetentionPolicy {
+                max_age_ms: Some(1000),
+                max_bytes: Some(1 << 20),
+                mode: v1::RetentionMode::RejectPublish as i32,
+            },
+            "invalid retention.max_age_ms",
+        ),
+        (
+            v1::RetentionPolicy {
+                max_age_ms: None,
+                max_bytes: Some(1 << 20),
+                mode: 7,
+            },
+            "invalid retention.mode",
+        ),
+    ];
+    for (policy, want) in cases {
+        let err = c
+            .admin
+            .create_topic(v1::CreateTopicRequest {
+                name: "t".into(),
+                retention: Some(policy),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().starts_with(want), "{err:?}");
+    }
+    // Unspecified reads as drop-oldest, and is returned as such.
+    create_topic(
+        &mut c,
+        "t",
+        retention(1 << 20, v1::RetentionMode::Unspecified),
+    )
+    .await;
+    let topic = c
+        .admin
+        .get_topic(v1::GetTopicRequest { name: "t".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        topic.retention.unwrap().mode,
+        v1::RetentionMode::DropOldest as i32
+    );
     server.stop().await;
 }

@@ -57,13 +57,14 @@ impl Admin for AdminService {
         request: Request<v1::CreateTopicRequest>,
     ) -> Result<Response<v1::Topic>, Status> {
         let req = request.into_inner();
-        let retention = req
-            .retention
-            .map_or_else(Retention::default, |r| Retention {
+        let retention = match req.retention {
+            None => Retention::default(),
+            Some(r) => Retention {
                 max_age_ms: r.max_age_ms,
                 max_bytes: r.max_bytes,
-                ..Retention::default()
-            });
+                mode: convert::retention_mode(r.mode)?,
+            },
+        };
         let topic = self
             .broker
             .create_topic(&req.name, retention)

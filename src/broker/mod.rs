@@ -44,7 +44,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::storage::definition;
 use crate::storage::io::{Fs, OsFs};
 use crate::storage::meta::{
-    DeadLetterPolicy, MetaStore, Retention, RetryPolicy, SubscriptionDef, TopicDef,
+    DeadLetterPolicy, MetaStore, Retention, RetentionMode, RetryPolicy, SubscriptionDef, TopicDef,
 };
 use crate::storage::state::{StateEntry, StateJournal, SubscriptionState};
 use crate::storage::{Appended, Log, LogConfig, NewRecord, Offset, StorageError};
@@ -356,6 +356,20 @@ impl Broker {
                 "must be at least 1 when set",
             ));
         }
+        if retention.mode == RetentionMode::RejectPublish {
+            if retention.max_bytes.is_none() {
+                return Err(BrokerError::invalid(
+                    "retention.mode",
+                    "reject-publish needs retention.max_bytes: publishes are refused while the unsettled backlog is at that bound",
+                ));
+            }
+            if retention.max_age_ms.is_some() {
+                return Err(BrokerError::invalid(
+                    "retention.max_age_ms",
+                    "cannot be combined with retention mode reject-publish, which never removes a message a subscription has not settled (settled ones are removed anyway); use drop-oldest to remove messages by age",
+                ));
+            }
+        }
         let _admin = self.inner.admin.lock().await;
         if self.inner.topics.read().contains_key(name) {
             return Err(BrokerError::AlreadyExists {
@@ -541,6 +555,7 @@ impl Broker {
             self.check_message(i, m)?;
         }
         let topic = self.topic(topic)?;
+        topic.check_room()?;
         Ok(topic.log.append(&messages).await?)
     }
 
@@ -1123,7 +1138,7 @@ impl Broker {
         }
     }
 
-    /// One retention pass over a topic. With a limit set, the offset the
+    /// One retention pass over a topic. Under drop-oldest, the offset the
     /// limits cut at is first recorded, durably, by every subscription
     /// (each counts what it had not settled and says so in one log line),
     /// and only then are the segments deleted: a crash in between leaves
@@ -1134,7 +1149,9 @@ impl Broker {
         let retention = topic.def().retention;
         let subs = topic.subscriptions();
         let mut first = topic.log.first_offset();
-        if retention.max_age_ms.is_some() || retention.max_bytes.is_some() {
+        if retention.mode == RetentionMode::DropOldest
+            && (retention.max_age_ms.is_some() || retention.max_bytes.is_some())
+        {
             first = first.max(topic.log.retention_cut(
                 retention.max_age_ms.map(|ms| ms.saturating_mul(1000)),
                 retention.max_bytes,
