@@ -164,7 +164,10 @@ async fn drop_oldest_counts_what_each_subscription_lost_logs_it_and_keeps_the_co
         (lines.len() as u64) < dropped,
         "one line per pass, not per message: {lines:#?}"
     );
-    assert!(lines.iter().all(|(l, _)| l.contains("topic=t ")), "{lines:#?}");
+    assert!(
+        lines.iter().all(|(l, _)| l.contains("topic=t ")),
+        "{lines:#?}"
+    );
     assert_eq!(broker.drop_lines("keeping-up"), Vec::new());
     let gone = c
         .admin
@@ -261,7 +264,11 @@ async fn reject_publish_refuses_at_the_bound_and_accepts_again_once_consumers_ca
         assert!(published.len() < 10_000, "never refused");
     };
     // The gRPC status the protocol documents, naming the topic and bound.
-    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
     for part in [
         "topic \"t\"",
         "retention.max_bytes of 98304 bytes",
@@ -279,10 +286,7 @@ async fn reject_publish_refuses_at_the_bound_and_accepts_again_once_consumers_ca
     let err = publish_batch(&mut c, "t", 1).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);
     assert_eq!(topic_stats(&mut c, "t").await.first_offset, 0);
-    assert_eq!(
-        c.stats("s").await.backlog_messages,
-        published.len() as u64
-    );
+    assert_eq!(c.stats("s").await.backlog_messages, published.len() as u64);
 
     // One subscription catching up is not enough: the backlog is measured
     // from the lowest ack floor.
@@ -324,7 +328,10 @@ async fn reject_publish_refuses_at_the_bound_and_accepts_again_once_consumers_ca
     // Settled segments leave the disk on the ticker.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     while topic_stats(&mut c, "t").await.segments > 1 {
-        assert!(tokio::time::Instant::now() < deadline, "settled segments kept");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "settled segments kept"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     server.stop().await;

@@ -301,12 +301,7 @@ impl Core {
             return None;
         }
         let count = (first - floor) - self.state.settled.count_in(floor, first);
-        let leased: Vec<u64> = self
-            .leases
-            .keys()
-            .copied()
-            .filter(|o| *o < first)
-            .collect();
+        let leased: Vec<u64> = self.leases.keys().copied().filter(|o| *o < first).collect();
         for o in leased {
             self.remove_lease(o);
         }

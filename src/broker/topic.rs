@@ -93,8 +93,7 @@ impl Topic {
     /// `TopicFull` naming the topic and its bound.
     pub(crate) fn check_room(&self) -> Result<()> {
         let retention = self.def.retention;
-        let (RetentionMode::RejectPublish, Some(max_bytes)) =
-            (retention.mode, retention.max_bytes)
+        let (RetentionMode::RejectPublish, Some(max_bytes)) = (retention.mode, retention.max_bytes)
         else {
             return Ok(());
         };

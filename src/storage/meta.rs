@@ -277,7 +277,8 @@ mod tests {
 
     #[test]
     fn a_definition_stored_before_retention_modes_reads_as_drop_oldest() {
-        let old = r#"{"id":3,"name":"t","retention":{"max_age_ms":null,"max_bytes":10},"created_ms":1}"#;
+        let old =
+            r#"{"id":3,"name":"t","retention":{"max_age_ms":null,"max_bytes":10},"created_ms":1}"#;
         let def: TopicDef = serde_json::from_str(old).unwrap();
         assert_eq!(def.retention.mode, RetentionMode::DropOldest);
         assert_eq!(def.retention.max_bytes, Some(10));
