@@ -501,15 +501,33 @@ impl Broker {
         Ok(())
     }
 
-    /// Removes a directory whose deletion is acknowledged. A failure is
-    /// logged, not returned: the directory is accounted for and the next
-    /// start removes it.
+    /// Removes a directory whose deletion is acknowledged. Where an open
+    /// file keeps a directory busy (NFS renames a removed open file to
+    /// `.nfs…`; some FUSE file systems do alike) removal fails with
+    /// ENOTEMPTY or EBUSY until the last descriptor closes: the logs in it
+    /// are closed by then, so only a read that was under way can hold one,
+    /// and removal is tried again every [`REMOVE_BUSY_RETRY_MS`] up to
+    /// [`REMOVE_BUSY_TRIES_MAX`] times. A failure is logged, not returned:
+    /// the directory is accounted for (`.deleting`) and the next start
+    /// removes it.
     async fn finish_removal(&self, doomed: PathBuf) {
         let fs = self.inner.fs.clone();
         let shown = doomed.display().to_string();
         let removed = blocking(move || {
-            fs.remove_dir_all(&doomed)
-                .map_err(|e| StorageError::io(&doomed, e).into())
+            let mut tries = 1;
+            loop {
+                match fs.remove_dir_all(&doomed) {
+                    Ok(()) => return Ok(()),
+                    Err(e)
+                        if tries < REMOVE_BUSY_TRIES_MAX
+                            && matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EBUSY)) =>
+                    {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(REMOVE_BUSY_RETRY_MS));
+                    }
+                    Err(e) => return Err(StorageError::io(&doomed, e).into()),
+                }
+            }
         })
         .await;
         if let Err(e) = removed {
@@ -1276,6 +1294,12 @@ async fn detached<T: Send + 'static>(
         },
     }
 }
+
+/// How often removing a deleted directory that an open file keeps busy
+/// (ENOTEMPTY, EBUSY) is tried again, and how many tries in all: together
+/// a second, since only a read already under way can still hold a file.
+const REMOVE_BUSY_RETRY_MS: u64 = 20;
+const REMOVE_BUSY_TRIES_MAX: u32 = 50;
 
 /// How long [`Broker::close_and_release`] waits for tasks to let go.
 const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
