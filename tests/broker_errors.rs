@@ -262,6 +262,45 @@ async fn bad_input_gets_a_precise_status_naming_the_field() {
         "t"
     );
     row!(
+        "reject-publish without max_bytes",
+        a.create_topic(v1::CreateTopicRequest {
+            name: "rp".into(),
+            retention: Some(v1::RetentionPolicy {
+                max_age_ms: None,
+                max_bytes: None,
+                mode: v1::RetentionMode::RejectPublish as i32,
+            })
+        }),
+        Code::InvalidArgument,
+        "retention.mode"
+    );
+    row!(
+        "reject-publish with max_age_ms",
+        a.create_topic(v1::CreateTopicRequest {
+            name: "rp".into(),
+            retention: Some(v1::RetentionPolicy {
+                max_age_ms: Some(1),
+                max_bytes: Some(1),
+                mode: v1::RetentionMode::RejectPublish as i32,
+            })
+        }),
+        Code::InvalidArgument,
+        "retention.max_age_ms"
+    );
+    row!(
+        "unknown retention mode",
+        a.create_topic(v1::CreateTopicRequest {
+            name: "rp".into(),
+            retention: Some(v1::RetentionPolicy {
+                max_age_ms: None,
+                max_bytes: Some(1),
+                mode: 99,
+            })
+        }),
+        Code::InvalidArgument,
+        "retention.mode"
+    );
+    row!(
         "unknown topic",
         a.get_topic(v1::GetTopicRequest {
             name: "nope".into()

@@ -229,6 +229,7 @@ async fn size_retention_drops_old_messages_even_for_a_lagging_subscription() {
             retention: Some(v1::RetentionPolicy {
                 max_age_ms: None,
                 max_bytes: Some(128 * 1024),
+                mode: v1::RetentionMode::Unspecified as i32,
             }),
         })
         .await

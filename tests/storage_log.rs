@@ -644,3 +644,38 @@ async fn one_read_spans_many_refills_and_frames_larger_than_a_refill() {
     }
     assert_eq!(seen, (250..600).collect::<Vec<u64>>());
 }
+
+#[tokio::test]
+async fn a_closed_log_releases_its_files_and_reads_from_them_fail_as_closed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        tail_cache_bytes_max: 0,
+        ..small_config()
+    };
+    let log = open(Arc::new(OsFs), tmp.path(), config);
+    for i in 0..20 {
+        let batch: Vec<NewRecord> = (0..10).map(|j| rec(&format!("m{i}-{j}"))).collect();
+        log.append(&batch).await.unwrap();
+    }
+    assert_eq!(read_all(&log).len(), 200);
+    assert!(log.stats().segments > 1);
+    log.close();
+    let err = log
+        .read(
+            Offset(0),
+            ReadLimits {
+                records_max: 10,
+                bytes_max: 1 << 20,
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, courier::storage::StorageError::Closed { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("is closed"), "{err}");
+    // Reopened from disk, everything is there.
+    drop(log);
+    let log = open(Arc::new(OsFs), tmp.path(), small_config());
+    assert_eq!(read_all(&log).len(), 200);
+}

@@ -57,12 +57,14 @@ impl Admin for AdminService {
         request: Request<v1::CreateTopicRequest>,
     ) -> Result<Response<v1::Topic>, Status> {
         let req = request.into_inner();
-        let retention = req
-            .retention
-            .map_or_else(Retention::default, |r| Retention {
+        let retention = match req.retention {
+            None => Retention::default(),
+            Some(r) => Retention {
                 max_age_ms: r.max_age_ms,
                 max_bytes: r.max_bytes,
-            });
+                mode: convert::retention_mode(r.mode)?,
+            },
+        };
         let topic = self
             .broker
             .create_topic(&req.name, retention)
@@ -264,6 +266,7 @@ impl Admin for AdminService {
             dead_lettered_messages: s.dead_lettered_messages,
             oldest_unacked_age_ms: s.oldest_unacked_age_ms,
             ack_floor_offset: s.ack_floor,
+            dropped_by_retention: s.dropped_by_retention,
         }))
     }
 

@@ -6,8 +6,9 @@ use bytes::Bytes;
 use prost_types::Timestamp;
 
 use crate::api::pb::v1;
+use crate::api::status;
 use crate::broker::{DeadLetter, DeadLetterReason, Delivery, Subscription};
-use crate::storage::meta::{DeadLetterPolicy, RetryPolicy, TopicDef};
+use crate::storage::meta::{DeadLetterPolicy, RetentionMode, RetryPolicy, TopicDef};
 use crate::storage::{Attribute, NewRecord, Record};
 
 /// A protobuf timestamp from microseconds since the Unix epoch.
@@ -84,6 +85,10 @@ pub fn topic(def: &TopicDef) -> v1::Topic {
         retention: Some(v1::RetentionPolicy {
             max_age_ms: def.retention.max_age_ms,
             max_bytes: def.retention.max_bytes,
+            mode: match def.retention.mode {
+                RetentionMode::DropOldest => v1::RetentionMode::DropOldest,
+                RetentionMode::RejectPublish => v1::RetentionMode::RejectPublish,
+            } as i32,
         }),
         create_time: Some(timestamp_ms(def.created_ms)),
     }
@@ -109,6 +114,20 @@ pub fn subscription(sub: &Subscription) -> v1::Subscription {
             v1::StartPosition::Latest as i32
         },
         create_time: Some(timestamp_ms(def.created_ms)),
+    }
+}
+
+/// A request's retention mode; UNSPECIFIED is drop-oldest.
+pub fn retention_mode(mode: i32) -> Result<RetentionMode, tonic::Status> {
+    match v1::RetentionMode::try_from(mode) {
+        Ok(v1::RetentionMode::Unspecified | v1::RetentionMode::DropOldest) => {
+            Ok(RetentionMode::DropOldest)
+        }
+        Ok(v1::RetentionMode::RejectPublish) => Ok(RetentionMode::RejectPublish),
+        Err(_) => Err(status::invalid(
+            "retention.mode",
+            format!("{mode} is not a retention mode"),
+        )),
     }
 }
 

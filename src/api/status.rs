@@ -35,7 +35,9 @@ fn status_of(err: BrokerError) -> Status {
         BrokerError::NotFound { .. } => Status::not_found(err.to_string()),
         BrokerError::AlreadyExists { .. } => Status::already_exists(err.to_string()),
         BrokerError::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
-        BrokerError::ResourceExhausted(_) => Status::resource_exhausted(err.to_string()),
+        BrokerError::ResourceExhausted(_) | BrokerError::TopicFull { .. } => {
+            Status::resource_exhausted(err.to_string())
+        }
         BrokerError::FailedPrecondition(_) => Status::failed_precondition(err.to_string()),
         BrokerError::ShuttingDown => Status::unavailable(err.to_string()),
         BrokerError::Storage(e) => storage_status(e),

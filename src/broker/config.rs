@@ -80,6 +80,9 @@ pub struct BrokerConfig {
     /// How often leases are checked for expiry and redeliveries for
     /// readiness.
     pub tick_ms: u64,
+    /// How often retention and journal compaction run (a housekeeping
+    /// pass). Settled segments leave the disk within about this long.
+    pub housekeeping_ms: u64,
 }
 
 impl BrokerConfig {
@@ -98,6 +101,7 @@ impl BrokerConfig {
             topics_max: 10_000,
             subscriptions_max: 10_000,
             tick_ms: 10,
+            housekeeping_ms: 1_000,
         }
     }
 }

@@ -16,6 +16,19 @@ pub enum BrokerError {
     /// A configured limit was reached.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A topic whose retention mode is reject-publish holds
+    /// `retention.max_bytes` of messages its subscriptions have not
+    /// settled: publishes wait for consumers.
+    #[error(
+        "topic {topic:?} is at its retention.max_bytes of {max_bytes} bytes and its retention mode is reject-publish; \
+         publishes are refused until its subscriptions acknowledge or dead-letter older messages \
+         (unsettled backlog: {backlog_bytes} bytes)"
+    )]
+    TopicFull {
+        topic: String,
+        max_bytes: u64,
+        backlog_bytes: u64,
+    },
     /// The request is valid but the system is not in a state to run it.
     #[error("{0}")]
     FailedPrecondition(String),

@@ -46,7 +46,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::storage::definition;
 use crate::storage::io::{Fs, OsFs};
 use crate::storage::meta::{
-    DeadLetterPolicy, MetaStore, Retention, RetryPolicy, SubscriptionDef, TopicDef,
+    DeadLetterPolicy, MetaStore, Retention, RetentionMode, RetryPolicy, SubscriptionDef, TopicDef,
 };
 use crate::storage::state::{StateEntry, StateJournal, SubscriptionState};
 use crate::storage::{Appended, Log, LogConfig, NewRecord, Offset, StorageError};
@@ -63,8 +63,6 @@ const DIR_DEAD_LETTERS: &str = "dead-letters";
 const LOCK_FILE: &str = "courier.lock";
 /// Segment size of dead-letter logs.
 const DEAD_LETTER_SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
-/// How often retention and journal compaction run.
-const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 
 /// A new subscription, as an admin asks for it.
 #[derive(Debug, Clone, Default)]
@@ -371,6 +369,20 @@ impl Broker {
                 "must be at least 1 when set",
             ));
         }
+        if retention.mode == RetentionMode::RejectPublish {
+            if retention.max_bytes.is_none() {
+                return Err(BrokerError::invalid(
+                    "retention.mode",
+                    "reject-publish needs retention.max_bytes: publishes are refused while the unsettled backlog is at that bound",
+                ));
+            }
+            if retention.max_age_ms.is_some() {
+                return Err(BrokerError::invalid(
+                    "retention.max_age_ms",
+                    "cannot be combined with retention mode reject-publish, which never removes a message a subscription has not settled (settled ones are removed anyway); use drop-oldest to remove messages by age",
+                ));
+            }
+        }
         let _admin = self.inner.admin.lock().await;
         if self.inner.topics.read().contains_key(name) {
             return Err(BrokerError::AlreadyExists {
@@ -505,15 +517,33 @@ impl Broker {
         Ok(())
     }
 
-    /// Removes a directory whose deletion is acknowledged. A failure is
-    /// logged, not returned: the directory is accounted for and the next
-    /// start removes it.
+    /// Removes a directory whose deletion is acknowledged. Where an open
+    /// file keeps a directory busy (NFS renames a removed open file to
+    /// `.nfs…`; some FUSE file systems do alike) removal fails with
+    /// ENOTEMPTY or EBUSY until the last descriptor closes: the logs in it
+    /// are closed by then, so only a read that was under way can hold one,
+    /// and removal is tried again every [`REMOVE_BUSY_RETRY_MS`] up to
+    /// [`REMOVE_BUSY_TRIES_MAX`] times. A failure is logged, not returned:
+    /// the directory is accounted for (`.deleting`) and the next start
+    /// removes it.
     async fn finish_removal(&self, doomed: PathBuf) {
         let fs = self.inner.fs.clone();
         let shown = doomed.display().to_string();
         let removed = blocking(move || {
-            fs.remove_dir_all(&doomed)
-                .map_err(|e| StorageError::io(&doomed, e).into())
+            let mut tries = 1;
+            loop {
+                match fs.remove_dir_all(&doomed) {
+                    Ok(()) => return Ok(()),
+                    Err(e)
+                        if tries < REMOVE_BUSY_TRIES_MAX
+                            && matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EBUSY)) =>
+                    {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(REMOVE_BUSY_RETRY_MS));
+                    }
+                    Err(e) => return Err(StorageError::io(&doomed, e).into()),
+                }
+            }
         })
         .await;
         if let Err(e) = removed {
@@ -564,6 +594,7 @@ impl Broker {
             self.check_message(i, m)?;
         }
         let topic = self.topic(topic)?;
+        topic.check_room()?;
         Ok(topic.log.append(&messages).await?)
     }
 
@@ -1155,31 +1186,47 @@ impl Broker {
         }
     }
 
+    /// One retention pass over a topic. Under drop-oldest, the offset the
+    /// limits cut at is first recorded, durably, by every subscription
+    /// (each counts what it had not settled and says so in one log line),
+    /// and only then are the segments deleted: a crash in between leaves
+    /// segments that the next pass deletes, never a loss nobody counted.
+    /// Then, in every mode, segments every subscription has settled are
+    /// deleted. File removal runs off the runtime's threads.
     async fn topic_housekeeping(&self, topic: &Arc<Topic>) -> Result<()> {
-        let def = topic.def();
-        if def.retention.max_age_ms.is_some() || def.retention.max_bytes.is_some() {
-            topic.log.enforce_retention(
-                def.retention.max_age_ms.map(|ms| ms * 1000),
-                def.retention.max_bytes,
-            )?;
-            let first = topic.log.first_offset();
-            for sub in topic.subscriptions() {
-                sub.skip_below(first).await?;
-            }
-        }
+        let retention = topic.def().retention;
         let subs = topic.subscriptions();
+        let mut first = topic.log.first_offset();
+        if retention.mode == RetentionMode::DropOldest
+            && (retention.max_age_ms.is_some() || retention.max_bytes.is_some())
+        {
+            first = first.max(topic.log.retention_cut(
+                retention.max_age_ms.map(|ms| ms.saturating_mul(1000)),
+                retention.max_bytes,
+            ));
+        }
+        // Also catches up a subscription whose floor is below what an
+        // earlier pass (or one before a restart) already removed.
+        for sub in &subs {
+            sub.drop_below(first).await?;
+        }
         let floor = subs
             .iter()
             .map(|s| s.ack_floor())
             .min()
-            .unwrap_or_else(|| topic.log.next_offset());
-        topic.log.truncate_before(floor)?;
-        for sub in subs {
-            if let Some(dlq) = sub.dlq.existing()? {
-                dlq.truncate_before(sub.dlq_floor())?;
+            .unwrap_or_else(|| topic.log.next_offset())
+            .max(first);
+        let log = topic.log.clone();
+        blocking(move || {
+            log.truncate_before(floor)?;
+            for sub in subs {
+                if let Some(dlq) = sub.dlq.existing()? {
+                    dlq.truncate_before(sub.dlq_floor())?;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 
     /// Compacts the state journal: every entry queued before `cut` belongs
@@ -1209,8 +1256,11 @@ impl Broker {
 }
 
 async fn ticker_loop(inner: std::sync::Weak<Inner>) {
-    let tick = match inner.upgrade() {
-        Some(i) => Duration::from_millis(i.config.tick_ms.max(1)),
+    let (tick, housekeeping_every) = match inner.upgrade() {
+        Some(i) => (
+            Duration::from_millis(i.config.tick_ms.max(1)),
+            Duration::from_millis(i.config.housekeeping_ms),
+        ),
         None => return,
     };
     let mut interval = tokio::time::interval(tick);
@@ -1227,7 +1277,7 @@ async fn ticker_loop(inner: std::sync::Weak<Inner>) {
         for sub in subs {
             sub.tick().await;
         }
-        if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
+        if last_housekeeping.elapsed() >= housekeeping_every {
             last_housekeeping = Instant::now();
             if let Err(e) = broker.housekeeping().await {
                 tracing::error!(error = %e, "housekeeping failed");
@@ -1278,6 +1328,12 @@ async fn detached<T: Send + 'static>(
         },
     }
 }
+
+/// How often removing a deleted directory that an open file keeps busy
+/// (ENOTEMPTY, EBUSY) is tried again, and how many tries in all: together
+/// a second, since only a read already under way can still hold a file.
+const REMOVE_BUSY_RETRY_MS: u64 = 20;
+const REMOVE_BUSY_TRIES_MAX: u32 = 50;
 
 /// How long [`Broker::close_and_release`] waits for tasks to let go.
 const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);

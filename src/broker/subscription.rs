@@ -174,6 +174,9 @@ pub struct SubscriptionStats {
     pub dead_lettered_messages: u64,
     pub oldest_unacked_age_ms: Option<u64>,
     pub ack_floor: u64,
+    /// Messages the topic's retention removed before this subscription
+    /// settled them, since it was created (durable).
+    pub dropped_by_retention: u64,
 }
 
 #[derive(Debug)]
@@ -295,6 +298,42 @@ impl Core {
     /// True if another delivery of `offset` would exceed `attempts_max`.
     fn exhausted(&self, attempts_max: Option<u32>, offset: u64) -> bool {
         attempts_max.is_some_and(|max| self.attempts(offset) >= max)
+    }
+
+    /// Retention removed everything below `first`: forgets the leases,
+    /// redeliveries and dead-letterings there, raises the floor to `first`
+    /// and counts the offsets that were not settled. Returns the journal
+    /// entry saying so (already applied) and that count, or `None` if the
+    /// floor was already there.
+    fn drop_below(&mut self, first: u64) -> Option<(StateEntry, u64)> {
+        let floor = self.state.settled.floor();
+        if floor >= first {
+            return None;
+        }
+        let count = (first - floor) - self.state.settled.count_in(floor, first);
+        let leased: Vec<u64> = self.leases.keys().copied().filter(|o| *o < first).collect();
+        for o in leased {
+            self.remove_lease(o);
+        }
+        let waiting: Vec<(Instant, u64)> = self
+            .ready
+            .iter()
+            .copied()
+            .filter(|(_, o)| *o < first)
+            .collect();
+        for (at, o) in waiting {
+            self.ready.remove(&(at, o));
+            self.ready_at.remove(&o);
+        }
+        self.dead_lettering.retain(|o| *o >= first);
+        self.dead_letter_due.retain(|d| d.offset >= first);
+        let entry = StateEntry::RetentionDropped {
+            floor: first,
+            count,
+        };
+        self.state.apply(&entry);
+        self.cursor = self.cursor.max(self.state.settled.floor());
+        Some((entry, count))
     }
 
     /// Queues `offset` for `tick` to dead-letter (attempts exhausted).
@@ -488,11 +527,18 @@ impl Subscription {
         // delivered, so nothing leased), kept as ranges however long.
         let mut lost = Vec::new();
         let mut lost_ranges: Vec<(u64, u64)> = Vec::new();
+        // Messages retention removed before this subscription settled them
+        // (counted, journaled and logged like a retention pass does).
+        let mut dropped = 0u64;
         let (deliveries, ticket, topic_rewinds) = {
             let visible = self.topic.log.next_offset().0;
             let mut core = self.core.lock();
             // Read before any record: a rewind after this voids them.
             let topic_rewinds = self.topic.log.rewinds();
+            if let Some((entry, count)) = core.drop_below(self.topic.log.first_offset().0) {
+                entries.push(entry);
+                dropped += count;
+            }
             let now = Instant::now();
             let now_us = now_us();
             let mut bytes = 0u64;
@@ -589,8 +635,17 @@ impl Subscription {
                     }
                     Err(e) => return Err(e.into()),
                 };
+                // Retention may have removed records since the floor was
+                // checked above: account for them as it would.
+                let gap_end = batch.records.first().map_or(batch.next.0, |r| r.offset.0);
+                if gap_end > core.cursor {
+                    if let Some((entry, count)) = core.drop_below(self.topic.log.first_offset().0) {
+                        entries.push(entry);
+                        dropped += count;
+                    }
+                }
                 if batch.records.is_empty() {
-                    // Records below the log's first offset are gone.
+                    // Offsets missing from the log (not retention's).
                     if batch.next.0 > core.cursor {
                         lost_ranges.push((core.cursor, batch.next.0));
                         core.cursor = batch.next.0;
@@ -600,6 +655,9 @@ impl Subscription {
                 }
                 for record in batch.records {
                     let offset = record.offset.0;
+                    if offset < core.cursor {
+                        continue; // below a floor retention just raised
+                    }
                     if offset > core.cursor {
                         lost_ranges.push((core.cursor, offset));
                     }
@@ -633,6 +691,9 @@ impl Subscription {
                     picked.push(record);
                 }
             }
+            // A redelivery read just before retention removed it is not
+            // delivered: it is counted as dropped.
+            picked.retain(|r| !core.state.settled.contains(r.offset.0));
             let mut out = Vec::with_capacity(picked.len());
             let mut first_deliveries = Vec::new();
             for record in picked {
@@ -699,9 +760,12 @@ impl Subscription {
             };
             (out, ticket, topic_rewinds)
         };
+        if dropped > 0 {
+            self.warn_dropped(dropped);
+        }
         let lost_count = lost.len() as u64 + lost_ranges.iter().map(|(s, e)| e - s).sum::<u64>();
         if lost_count > 0 {
-            tracing::warn!(subscription = %self.name(), count = lost_count, "messages lost to retention or corruption were skipped");
+            tracing::warn!(topic = %self.topic.name(), subscription = %self.name(), count = lost_count, "messages missing from the topic or corrupt were skipped");
         }
         let topic_until = Offset(
             deliveries
@@ -1227,45 +1291,47 @@ impl Subscription {
         Offset(self.core.lock().state.settled.floor())
     }
 
-    /// Raises the floor past offsets removed by retention.
-    pub(crate) async fn skip_below(&self, first: Offset) -> Result<()> {
-        let ticket = {
+    /// Retention is about to remove (or removed) everything below `first`:
+    /// raises the floor there, forgetting leases and redeliveries below
+    /// it, and counts the messages this subscription had not settled in
+    /// `dropped_by_retention`. Returns that count once the journal entry
+    /// saying so is durable; the caller may delete the segments then.
+    ///
+    /// # Cancel safety
+    /// The change is made in memory and queued in the journal before the
+    /// first await; dropping the future only stops waiting for it to be
+    /// durable.
+    pub(crate) async fn drop_below(&self, first: Offset) -> Result<u64> {
+        let (count, ticket) = {
             let mut core = self.core.lock();
-            if core.state.settled.floor() >= first.0 {
-                return Ok(());
-            }
-            let doomed: Vec<u64> = core
-                .leases
-                .keys()
-                .copied()
-                .filter(|o| *o < first.0)
-                .collect();
-            for o in doomed {
-                core.remove_lease(o);
-            }
-            let stale: Vec<(Instant, u64)> = core
-                .ready
-                .iter()
-                .copied()
-                .filter(|(_, o)| *o < first.0)
-                .collect();
-            for (at, o) in stale {
-                core.ready.remove(&(at, o));
-                core.ready_at.remove(&o);
-            }
-            let entry = StateEntry::Floor { floor: first.0 };
-            core.state.apply(&entry);
-            core.cursor = core.cursor.max(first.0);
-            self.journal.enqueue(self.id(), &[entry])?
+            let Some((entry, count)) = core.drop_below(first.0) else {
+                return Ok(0);
+            };
+            (count, self.journal.enqueue(self.id(), &[entry])?)
         };
         ticket.wait().await?;
-        Ok(())
+        if count > 0 {
+            self.warn_dropped(count);
+        }
+        Ok(count)
+    }
+
+    /// The one log line of a retention pass that dropped messages.
+    fn warn_dropped(&self, count: u64) {
+        let total = self.core.lock().state.dropped_by_retention;
+        tracing::warn!(
+            topic = %self.topic.name(),
+            subscription = %self.name(),
+            count,
+            total,
+            "retention removed messages this subscription had not acknowledged or dead-lettered"
+        );
     }
 
     /// Figures for the stats RPC.
     pub fn stats(&self) -> SubscriptionStats {
         let next = self.topic.log.next_offset().0;
-        let (floor, backlog, in_flight, dlq_floor, dlq_removed) = {
+        let (floor, backlog, in_flight, dlq_floor, dlq_removed, dropped) = {
             let core = self.core.lock();
             (
                 core.state.settled.floor(),
@@ -1273,6 +1339,7 @@ impl Subscription {
                 core.leases.len() as u64,
                 core.state.dlq_removed.floor(),
                 core.state.dlq_removed.count_above_floor(),
+                core.state.dropped_by_retention,
             )
         };
         let oldest = if floor < next {
@@ -1299,6 +1366,7 @@ impl Subscription {
                 .saturating_sub(dlq_removed),
             oldest_unacked_age_ms: oldest,
             ack_floor: floor,
+            dropped_by_retention: dropped,
         }
     }
 

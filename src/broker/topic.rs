@@ -1,13 +1,19 @@
 //! A topic: its definition, its one log, and the subscriptions reading it.
+//!
+//! Under the reject-publish retention mode the topic refuses publishes
+//! while its **backlog** (the stored bytes from the lowest ack floor of its
+//! subscriptions on) is at `retention.max_bytes`; see
+//! [`Topic::check_room`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
 use parking_lot::RwLock;
 
+use crate::broker::error::{BrokerError, Result};
 use crate::broker::subscription::Subscription;
-use crate::storage::Log;
-use crate::storage::meta::TopicDef;
+use crate::storage::meta::{RetentionMode, TopicDef};
+use crate::storage::{Log, Offset};
 
 /// The broker's map of topics by name.
 pub(crate) type TopicMap = RwLock<HashMap<String, Arc<Topic>>>;
@@ -59,5 +65,51 @@ impl Topic {
     /// The subscriptions currently on this topic.
     pub fn subscriptions(&self) -> Vec<Arc<Subscription>> {
         self.subs.read().clone()
+    }
+
+    /// The lowest ack floor of the subscriptions: every record below it is
+    /// settled by all of them. The log's next offset if there are none
+    /// (nothing is kept for anyone).
+    pub fn settled_floor(&self) -> Offset {
+        self.subscriptions()
+            .iter()
+            .map(|s| s.ack_floor())
+            .min()
+            .unwrap_or_else(|| self.log.next_offset())
+    }
+
+    /// Stored bytes of the records from [`Topic::settled_floor`] on: what
+    /// the log keeps because some subscription has not settled it. Measured
+    /// from the sparse index, so it may count up to one index interval
+    /// (8 KiB) more.
+    pub fn backlog_bytes(&self) -> u64 {
+        self.log.bytes_from(self.settled_floor())
+    }
+
+    /// Whether a publish may go ahead: under the reject-publish retention
+    /// mode, not while the backlog is at or over `retention.max_bytes`.
+    ///
+    /// # Errors
+    /// `TopicFull` naming the topic and its bound.
+    pub(crate) fn check_room(&self) -> Result<()> {
+        let retention = self.def.retention;
+        let (RetentionMode::RejectPublish, Some(max_bytes)) = (retention.mode, retention.max_bytes)
+        else {
+            return Ok(());
+        };
+        // The backlog is part of the log: a log below the bound needs no
+        // look at the subscriptions.
+        if self.log.stats().disk_bytes < max_bytes {
+            return Ok(());
+        }
+        let backlog_bytes = self.backlog_bytes();
+        if backlog_bytes < max_bytes {
+            return Ok(());
+        }
+        Err(BrokerError::TopicFull {
+            topic: self.def.name.clone(),
+            max_bytes,
+            backlog_bytes,
+        })
     }
 }

@@ -418,6 +418,7 @@ fn print_stats(out: &mut Output, st: &SubscriptionStats) -> Result<(), WriteErro
             "dead_lettered_messages": st.dead_lettered_messages,
             "oldest_unacked_age_ms": st.oldest_unacked_age_ms,
             "ack_floor_offset": st.ack_floor_offset,
+            "dropped_by_retention": st.dropped_by_retention,
         }));
     }
     out.fields(&[
@@ -435,6 +436,7 @@ fn print_stats(out: &mut Output, st: &SubscriptionStats) -> Result<(), WriteErro
                 .map_or_else(|| "-".to_string(), ms_human),
         ),
         ("ack_floor_offset", st.ack_floor_offset.to_string()),
+        ("dropped_by_retention", st.dropped_by_retention.to_string()),
     ])
 }
 

@@ -1,7 +1,7 @@
 //! `courier topic ...`: create, get, list, delete and stats of topics,
 //! through the Admin service.
 
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 use super::conn::Conn;
@@ -9,7 +9,7 @@ use super::output::{Output, WriteError, bytes_human, ms_human, time_human, time_
 use super::parse;
 use crate::api::pb::v1::{
     CreateTopicRequest, DeleteTopicRequest, GetTopicRequest, GetTopicStatsRequest,
-    ListTopicsRequest, RetentionPolicy, Topic, TopicStats,
+    ListTopicsRequest, RetentionMode, RetentionPolicy, Topic, TopicStats,
 };
 
 /// `courier topic`.
@@ -19,6 +19,26 @@ pub struct TopicArgs {
     pub conn: Conn,
     #[command(subcommand)]
     pub command: TopicCommand,
+}
+
+/// What a topic does at its retention limits (`--retention-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Remove the oldest messages, processed or not (each subscription
+    /// counts what it lost).
+    DropOldest,
+    /// Never remove unprocessed messages: refuse publishes while the
+    /// unsettled backlog is at --retention-max-bytes.
+    RejectPublish,
+}
+
+impl From<Mode> for RetentionMode {
+    fn from(m: Mode) -> RetentionMode {
+        match m {
+            Mode::DropOldest => RetentionMode::DropOldest,
+            Mode::RejectPublish => RetentionMode::RejectPublish,
+        }
+    }
 }
 
 /// The topic subcommands.
@@ -31,9 +51,13 @@ pub enum TopicCommand {
         /// Remove messages published longer ago than this (e.g. 7d, 12h).
         #[arg(long, value_name = "DURATION", value_parser = parse::duration_ms)]
         retention_max_age: Option<u64>,
-        /// Keep the topic's log at most this large on disk (e.g. 1GiB).
+        /// Keep the topic's log at most this large on disk (e.g. 1GiB); with
+        /// `--retention-mode reject-publish`, the most it keeps unprocessed.
         #[arg(long, value_name = "BYTES", value_parser = parse::bytes)]
         retention_max_bytes: Option<u64>,
+        /// What reaching a limit does (default drop-oldest).
+        #[arg(long, value_enum, value_name = "MODE")]
+        retention_mode: Option<Mode>,
     },
     /// Show a topic.
     Get {
@@ -64,12 +88,17 @@ impl TopicArgs {
                 name,
                 retention_max_age,
                 retention_max_bytes,
+                retention_mode,
             } => {
-                let retention = (retention_max_age.is_some() || retention_max_bytes.is_some())
-                    .then_some(RetentionPolicy {
-                        max_age_ms: retention_max_age,
-                        max_bytes: retention_max_bytes,
-                    });
+                let retention = (retention_max_age.is_some()
+                    || retention_max_bytes.is_some()
+                    || retention_mode.is_some())
+                .then_some(RetentionPolicy {
+                    max_age_ms: retention_max_age,
+                    max_bytes: retention_max_bytes,
+                    mode: retention_mode.map_or(RetentionMode::Unspecified, RetentionMode::from)
+                        as i32,
+                });
                 let request = CreateTopicRequest {
                     name: name.clone(),
                     retention,
@@ -148,9 +177,19 @@ pub fn topic_json(t: &Topic) -> Value {
         "retention": t.retention.as_ref().map(|r| json!({
             "max_age_ms": r.max_age_ms,
             "max_bytes": r.max_bytes,
+            "mode": mode_name(r.mode),
         })),
         "create_time": time_json(&t.create_time),
     })
+}
+
+/// A retention mode as `--retention-mode` spells it.
+fn mode_name(mode: i32) -> &'static str {
+    match RetentionMode::try_from(mode) {
+        Ok(RetentionMode::RejectPublish) => "reject-publish",
+        Ok(RetentionMode::Unspecified | RetentionMode::DropOldest) => "drop-oldest",
+        Err(_) => "unknown",
+    }
 }
 
 /// Retention limits for humans.
@@ -162,6 +201,9 @@ fn retention_human(r: &Option<RetentionPolicy>) -> String {
     }
     if let Some(b) = r.max_bytes {
         parts.push(format!("max bytes {}", bytes_human(b)));
+    }
+    if RetentionMode::try_from(r.mode) == Ok(RetentionMode::RejectPublish) {
+        parts.push("reject-publish".into());
     }
     if parts.is_empty() {
         "none".into()
@@ -237,7 +279,38 @@ mod tests {
                 name: "orders".into(),
                 retention_max_age: Some(7 * 86_400_000),
                 retention_max_bytes: Some(1 << 30),
+                retention_mode: None,
             }
+        );
+    }
+
+    #[test]
+    fn create_takes_a_retention_mode() {
+        let args = parse(&[
+            "create",
+            "orders",
+            "--retention-max-bytes",
+            "1GiB",
+            "--retention-mode",
+            "reject-publish",
+        ]);
+        assert_eq!(
+            args.command,
+            TopicCommand::Create {
+                name: "orders".into(),
+                retention_max_age: None,
+                retention_max_bytes: Some(1 << 30),
+                retention_mode: Some(Mode::RejectPublish),
+            }
+        );
+        let r = RetentionPolicy {
+            max_age_ms: None,
+            max_bytes: Some(1 << 20),
+            mode: RetentionMode::RejectPublish as i32,
+        };
+        assert_eq!(
+            retention_human(&Some(r)),
+            "max bytes 1048576 (1.0 MiB), reject-publish"
         );
     }
 
@@ -255,6 +328,7 @@ mod tests {
         let r = RetentionPolicy {
             max_age_ms: Some(3_600_000),
             max_bytes: None,
+            mode: RetentionMode::Unspecified as i32,
         };
         assert_eq!(retention_human(&Some(r)), "max age 1h");
     }

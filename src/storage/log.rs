@@ -200,8 +200,42 @@ pub struct RecoveryReport {
 struct Segment {
     base: Offset,
     path: PathBuf,
-    file: Arc<dyn File>,
+    /// `None` once the log is closed: the descriptor is released, so that
+    /// the directory can be removed where an open file keeps it busy (NFS,
+    /// some FUSE file systems). A read that took the file first finishes
+    /// with it; later ones get `Closed`.
+    file: RwLock<Option<Arc<dyn File>>>,
     state: RwLock<SegmentState>,
+}
+
+impl Segment {
+    fn new(base: Offset, path: PathBuf, file: Arc<dyn File>, state: SegmentState) -> Segment {
+        Segment {
+            base,
+            path,
+            file: RwLock::new(Some(file)),
+            state: RwLock::new(state),
+        }
+    }
+
+    /// The open file.
+    ///
+    /// # Errors
+    /// `Closed` once the log is closed.
+    fn file(&self) -> Result<Arc<dyn File>> {
+        self.file
+            .read()
+            .clone()
+            .ok_or_else(|| StorageError::Closed {
+                path: self.path.clone(),
+            })
+    }
+
+    fn sync_data(&self) -> Result<()> {
+        self.file()?
+            .sync_data()
+            .map_err(|e| StorageError::io(&self.path, e))
+    }
 }
 
 #[derive(Debug)]
@@ -867,31 +901,40 @@ impl Log {
 
     /// Retention by age and size: deletes sealed segments whose newest
     /// record is older than `max_age_us` before now, then the oldest sealed
-    /// segments while the log is over `max_bytes`.
+    /// segments while the log is over `max_bytes` (see
+    /// [`Log::retention_cut`]).
     pub fn enforce_retention(
         &self,
         max_age_us: Option<u64>,
         max_bytes: Option<u64>,
     ) -> Result<u32> {
-        let mut deleted = 0;
+        self.truncate_before(self.retention_cut(max_age_us, max_bytes))
+    }
+
+    /// Where retention by age and size would cut the log: the offset below
+    /// which [`Log::truncate_before`] deletes what the limits allow, that is
+    /// the sealed segments whose newest record is older than `max_age_us`
+    /// before now, then the oldest sealed segments while the log is over
+    /// `max_bytes`. Deletes nothing itself, so a caller can first account
+    /// for what is about to go. The active segment is never cut.
+    pub fn retention_cut(&self, max_age_us: Option<u64>, max_bytes: Option<u64>) -> Offset {
+        let segments = self.shared.segments.read();
+        let sealed = segments.len() - 1;
+        let mut n = 0;
         if let Some(age) = max_age_us {
             let cutoff = now_us().saturating_sub(age);
-            deleted +=
-                self.delete_segments_while(|seg, _| seg.state.read().max_time_us < cutoff)?;
+            while n < sealed && segments[n].state.read().max_time_us < cutoff {
+                n += 1;
+            }
         }
         if let Some(max) = max_bytes {
-            let mut total = self.stats().disk_bytes;
-            deleted += self.delete_segments_while(|seg, _| {
-                let len = seg.state.read().len;
-                if total > max {
-                    total -= len;
-                    true
-                } else {
-                    false
-                }
-            })?;
+            let mut total: u64 = segments[n..].iter().map(|s| s.state.read().len).sum();
+            while n < sealed && total > max {
+                total -= segments[n].state.read().len;
+                n += 1;
+            }
         }
-        Ok(deleted)
+        segments[n].base
     }
 
     fn delete_segments_while(&self, mut pred: impl FnMut(&Segment, Offset) -> bool) -> Result<u32> {
@@ -976,9 +1019,14 @@ impl Log {
     }
 
     /// Stops accepting appends, lets the writer finish and sync what is
-    /// queued, and waits for it.
+    /// queued, waits for it, and releases every segment's file descriptor
+    /// (a read already under way finishes first; reads after this fail
+    /// with `Closed`), so nothing keeps the log's directory busy.
     pub fn close(&self) {
         self.shared.close_and_join(&self.writer.thread);
+        for seg in self.shared.segments.read().iter() {
+            seg.file.write().take();
+        }
     }
 }
 
@@ -1075,8 +1123,8 @@ impl Shared {
                 .sync_dir(&self.dir)
                 .map_err(|e| StorageError::io(&self.dir, e))?;
         }
-        active.file.truncate(to.len).map_err(io)?;
-        active.file.sync_data().map_err(io)?;
+        active.file()?.truncate(to.len).map_err(io)?;
+        active.sync_data()?;
         {
             let mut st = active.state.write();
             st.len = to.len;
@@ -1160,18 +1208,18 @@ fn create_segment(fs: &dyn Fs, dir: &Path, base: Offset, config: &LogConfig) -> 
         let _ = fs.remove_file(&path);
         return Err(StorageError::io(&path, e));
     }
-    Ok(Segment {
+    Ok(Segment::new(
         base,
         path,
         file,
-        state: RwLock::new(SegmentState {
+        SegmentState {
             next: base,
             len: SEGMENT_HEADER_BYTES,
             index: IndexBuilder::new(config.index_interval_bytes),
             max_time_us: 0,
             unreadable: None,
-        }),
-    })
+        },
+    ))
 }
 
 fn recover_segment(
@@ -1204,34 +1252,34 @@ fn recover_segment(
             "{}: {why}; its records are unreadable",
             path.display()
         ));
-        return Ok(Segment {
+        return Ok(Segment::new(
             base,
-            path: path.clone(),
+            path.clone(),
             file,
-            state: RwLock::new(SegmentState {
+            SegmentState {
                 next: next_base.unwrap_or(base),
                 len: file_len,
                 index: IndexBuilder::new(config.index_interval_bytes),
                 max_time_us: 0,
                 unreadable: Some(why),
-            }),
-        });
+            },
+        ));
     }
     if !last {
         if let Some(idx) = segment::read_index(fs, dir, base) {
             if idx.segment_len == file_len && Some(idx.next) <= next_base {
-                return Ok(Segment {
+                return Ok(Segment::new(
                     base,
                     path,
                     file,
-                    state: RwLock::new(SegmentState {
+                    SegmentState {
                         next: idx.next,
                         len: file_len,
                         index: IndexBuilder::from_entries(idx.entries, config.index_interval_bytes),
                         max_time_us: idx.max_time_us,
                         unreadable: None,
-                    }),
-                });
+                    },
+                ));
             }
         }
     }
@@ -1278,18 +1326,18 @@ fn recover_segment(
         segment::write_index(fs, dir, base, &data)?;
         report.rebuilt_indexes += 1;
     }
-    Ok(Segment {
+    Ok(Segment::new(
         base,
         path,
         file,
-        state: RwLock::new(SegmentState {
+        SegmentState {
             next: scan.next,
             len: scan.valid_len,
             index: IndexBuilder::from_entries(scan.index, config.index_interval_bytes),
             max_time_us: scan.max_time_us,
             unreadable: None,
-        }),
-    })
+        },
+    ))
 }
 
 /// First read of a segment read call, in bytes; later reads double up to
@@ -1341,6 +1389,8 @@ fn read_segment(
             next: from.max(seg_next),
         });
     }
+    // Taken once: a close while this read runs lets it finish.
+    let file = seg.file()?;
     let mut out = ReadBatch {
         records: Vec::new(),
         next: from,
@@ -1372,8 +1422,7 @@ fn read_segment(
             Err(record::FrameError::Incomplete) => {
                 // Refill: read from `pos` at least the next whole frame.
                 let mut head = [0u8; record::FRAME_HEADER_BYTES];
-                seg.file
-                    .read_exact_at(&mut head, pos)
+                file.read_exact_at(&mut head, pos)
                     .map_err(|e| StorageError::io(&seg.path, e))?;
                 let declared = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
                 if declared > record::FRAME_BODY_BYTES_MAX {
@@ -1396,8 +1445,7 @@ fn read_segment(
                     };
                 }
                 let mut fresh = BytesMut::zeroed(n);
-                seg.file
-                    .read_exact_at(&mut fresh, pos)
+                file.read_exact_at(&mut fresh, pos)
                     .map_err(|e| StorageError::io(&seg.path, e))?;
                 buf = fresh.freeze();
                 buf_start = pos;
@@ -1490,8 +1538,8 @@ fn writer_loop(shared: &Shared) {
                 let _writing = shared.write_lock.lock();
                 if unsynced || shared.config.fsync == FsyncMode::Never {
                     let active = shared.active();
-                    if let Err(e) = active.file.sync_data() {
-                        tracing::error!(path = %active.path.display(), error = %e, "final sync failed");
+                    if let Err(e) = active.sync_data() {
+                        tracing::error!(error = %e, "final sync failed");
                     }
                 }
                 return;
@@ -1524,8 +1572,7 @@ fn writer_loop(shared: &Shared) {
         }
         // Interval sync with nothing new queued.
         let _writing = shared.write_lock.lock();
-        if let Err(e) = shared.active().file.sync_data() {
-            let err = StorageError::io(&shared.active().path, e);
+        if let Err(err) = shared.active().sync_data() {
             tracing::error!(error = %err, "fdatasync failed; rewinding to the last successful one");
             let synced = *shared.synced.lock();
             shared.rewind(synced, &err, Vec::new());
@@ -1559,8 +1606,7 @@ fn complete_write(
     shared.written_next.store(last.0 + 1, Ordering::Release);
     shared.written_tx.send_replace(Offset(last.0 + 1));
     if sync {
-        if let Err(e) = shared.active().file.sync_data() {
-            let err = StorageError::io(&shared.active().path, e);
+        if let Err(err) = shared.active().sync_data() {
             tracing::error!(error = %err, "fdatasync failed; rewinding to the last successful one");
             let synced = *shared.synced.lock();
             return shared.rewind(synced, &err, batches);
@@ -1616,7 +1662,7 @@ fn write_batches(
         let data = &buf[start..end];
         let pos = active.state.read().len;
         active
-            .file
+            .file()?
             .write_at(data, pos)
             .map_err(|e| StorageError::io(&active.path, e))?;
         // Index the frames just written.
@@ -1644,10 +1690,9 @@ fn write_batches(
 
 /// Seals the active segment (sync, index file) and starts one at `next`.
 fn roll_segment(shared: &Shared, active: &Segment, next: Offset) -> Result<()> {
-    let io = |e| StorageError::io(&active.path, e);
     // Sealing syncs in every mode, `never` included: a sealed segment is
     // complete on disk before the next one exists.
-    active.file.sync_data().map_err(io)?;
+    active.sync_data()?;
     let data = {
         let st = active.state.read();
         segment::encode_index(

@@ -39,6 +39,24 @@ const SLED_DATA_FILE: &str = "db";
 pub struct Retention {
     pub max_age_ms: Option<u64>,
     pub max_bytes: Option<u64>,
+    /// What reaching a limit does. Definitions stored before modes existed
+    /// have no such field: they read as [`RetentionMode::DropOldest`], what
+    /// retention did then.
+    #[serde(default)]
+    pub mode: RetentionMode,
+}
+
+/// What a topic does when its retention limit is reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetentionMode {
+    /// Remove the oldest segments, settled or not; subscriptions count what
+    /// they lost.
+    #[default]
+    DropOldest,
+    /// Never remove a message some subscription has not settled: refuse
+    /// publishes while the unsettled backlog is at `max_bytes`.
+    RejectPublish,
 }
 
 /// A topic's definition.
@@ -256,6 +274,25 @@ fn sync_dir(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_definition_stored_before_retention_modes_reads_as_drop_oldest() {
+        let old =
+            r#"{"id":3,"name":"t","retention":{"max_age_ms":null,"max_bytes":10},"created_ms":1}"#;
+        let def: TopicDef = serde_json::from_str(old).unwrap();
+        assert_eq!(def.retention.mode, RetentionMode::DropOldest);
+        assert_eq!(def.retention.max_bytes, Some(10));
+        let new = TopicDef {
+            retention: Retention {
+                mode: RetentionMode::RejectPublish,
+                ..def.retention
+            },
+            ..def
+        };
+        let json = serde_json::to_string(&new).unwrap();
+        assert!(json.contains(r#""mode":"reject_publish""#), "{json}");
+        assert_eq!(serde_json::from_str::<TopicDef>(&json).unwrap(), new);
+    }
 
     #[test]
     fn definitions_survive_reopen_and_names_are_unique() {

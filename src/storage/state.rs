@@ -1,5 +1,6 @@
-//! Durable subscription state: ack floors, acked ranges, delivery attempts
-//! and dead-letter removals, kept in one broker-wide state journal.
+//! Durable subscription state: ack floors, acked ranges, delivery attempts,
+//! dead-letter removals and the count of messages lost to retention, kept
+//! in one broker-wide state journal.
 //!
 //! The journal is a [`Log`] whose records each carry a batch of
 //! [`StateEntry`] values for one subscription. Writers enqueue entries in
@@ -143,6 +144,23 @@ impl RangeSet {
         }
     }
 
+    /// Offsets in `[start, end)` that are in the set.
+    pub fn count_in(&self, start: u64, end: u64) -> u64 {
+        if start >= end {
+            return 0;
+        }
+        let below_floor = self.floor.min(end).saturating_sub(start);
+        let start = start.max(self.floor);
+        let in_ranges: u64 = self
+            .ranges
+            .range(..end)
+            .rev()
+            .take_while(|(_, e)| **e > start)
+            .map(|(s, e)| (*e).min(end) - (*s).max(start))
+            .sum();
+        below_floor + in_ranges
+    }
+
     /// Offsets in the set at or above the floor.
     pub fn count_above_floor(&self) -> u64 {
         self.ranges.iter().map(|(s, e)| e - s).sum()
@@ -169,6 +187,9 @@ pub struct SubscriptionState {
     /// Offsets of the subscription's dead-letter log that were removed
     /// (redriven or purged).
     pub dlq_removed: RangeSet,
+    /// Messages the topic's retention removed before this subscription
+    /// settled them, since it was created.
+    pub dropped_by_retention: u64,
 }
 
 /// One change to a subscription's state, as journaled.
@@ -192,6 +213,11 @@ pub enum StateEntry {
     },
     /// Everything below `floor` is settled (purge, initial position).
     Floor { floor: u64 },
+    /// The topic's retention removed everything below `floor`; `count` of
+    /// those offsets were not settled (they are added to
+    /// `dropped_by_retention`). Everything below `floor` is settled from
+    /// now on, as for [`StateEntry::Floor`].
+    RetentionDropped { floor: u64, count: u64 },
     /// Dead-letter log offsets `[start, end)` were removed.
     DlqRemoved { ranges: Vec<(u64, u64)> },
     /// Attempt history of `offset` is forgotten (a redrive reset).
@@ -217,6 +243,12 @@ impl SubscriptionState {
     pub fn truncate_at(&mut self, end: Offset) {
         self.settled.truncate_at(end.0);
         self.attempts.split_off(&end.0);
+    }
+
+    fn raise_floor(&mut self, floor: u64) {
+        self.settled.raise_floor(floor);
+        let floor = self.settled.floor();
+        self.attempts = self.attempts.split_off(&floor);
     }
 
     /// Applies one entry (used by replay and by the broker alike).
@@ -259,10 +291,10 @@ impl SubscriptionState {
                     }
                 }
             }
-            StateEntry::Floor { floor } => {
-                self.settled.raise_floor(*floor);
-                let floor = self.settled.floor();
-                self.attempts = self.attempts.split_off(&floor);
+            StateEntry::Floor { floor } => self.raise_floor(*floor),
+            StateEntry::RetentionDropped { floor, count } => {
+                self.raise_floor(*floor);
+                self.dropped_by_retention = self.dropped_by_retention.saturating_add(*count);
             }
             StateEntry::DlqRemoved { ranges } => {
                 for &(s, e) in ranges {
@@ -286,6 +318,10 @@ const TAG_RESET: u8 = 5;
 const TAG_SNAPSHOT: u8 = 6;
 const TAG_DROPPED: u8 = 7;
 const TAG_FIRST_DELIVERED: u8 = 8;
+const TAG_RETENTION_DROPPED: u8 = 9;
+/// A snapshot followed by `dropped_by_retention`. Journals written before
+/// that counter existed hold `TAG_SNAPSHOT` (read as a count of 0).
+const TAG_SNAPSHOT_WITH_DROPS: u8 = 10;
 
 fn put_ranges(out: &mut BytesMut, ranges: impl ExactSizeIterator<Item = (u64, u64)>) {
     out.put_u32_le(u32::try_from(ranges.len()).expect("range count fits u32"));
@@ -324,6 +360,11 @@ pub fn encode_entries(sub: u64, entries: &[StateEntry]) -> Bytes {
                 out.put_u8(TAG_FLOOR);
                 out.put_u64_le(*floor);
             }
+            StateEntry::RetentionDropped { floor, count } => {
+                out.put_u8(TAG_RETENTION_DROPPED);
+                out.put_u64_le(*floor);
+                out.put_u64_le(*count);
+            }
             StateEntry::DlqRemoved { ranges } => {
                 out.put_u8(TAG_DLQ_REMOVED);
                 put_ranges(&mut out, ranges.iter().copied());
@@ -333,7 +374,7 @@ pub fn encode_entries(sub: u64, entries: &[StateEntry]) -> Bytes {
                 out.put_u64_le(*offset);
             }
             StateEntry::Snapshot(state) => {
-                out.put_u8(TAG_SNAPSHOT);
+                out.put_u8(TAG_SNAPSHOT_WITH_DROPS);
                 out.put_u64_le(state.settled.floor());
                 put_ranges(&mut out, state.settled.ranges.iter().map(|(s, e)| (*s, *e)));
                 out.put_u32_le(u32::try_from(state.attempts.len()).expect("attempts fit u32"));
@@ -348,6 +389,7 @@ pub fn encode_entries(sub: u64, entries: &[StateEntry]) -> Bytes {
                     &mut out,
                     state.dlq_removed.ranges.iter().map(|(s, e)| (*s, *e)),
                 );
+                out.put_u64_le(state.dropped_by_retention);
             }
             StateEntry::Dropped => out.put_u8(TAG_DROPPED),
         }
@@ -407,13 +449,17 @@ pub fn decode_entries(mut buf: Bytes) -> Option<(u64, Vec<StateEntry>)> {
             TAG_FLOOR => StateEntry::Floor {
                 floor: get_u64(&mut buf)?,
             },
+            TAG_RETENTION_DROPPED => StateEntry::RetentionDropped {
+                floor: get_u64(&mut buf)?,
+                count: get_u64(&mut buf)?,
+            },
             TAG_DLQ_REMOVED => StateEntry::DlqRemoved {
                 ranges: get_ranges(&mut buf)?,
             },
             TAG_RESET => StateEntry::ResetAttempts {
                 offset: get_u64(&mut buf)?,
             },
-            TAG_SNAPSHOT => {
+            tag @ (TAG_SNAPSHOT | TAG_SNAPSHOT_WITH_DROPS) => {
                 let floor = get_u64(&mut buf)?;
                 let settled = range_set(floor, get_ranges(&mut buf)?);
                 let n = get_u32(&mut buf)? as usize;
@@ -434,10 +480,16 @@ pub fn decode_entries(mut buf: Bytes) -> Option<(u64, Vec<StateEntry>)> {
                 }
                 let dlq_floor = get_u64(&mut buf)?;
                 let dlq_removed = range_set(dlq_floor, get_ranges(&mut buf)?);
+                let dropped_by_retention = if tag == TAG_SNAPSHOT_WITH_DROPS {
+                    get_u64(&mut buf)?
+                } else {
+                    0
+                };
                 StateEntry::Snapshot(Box::new(SubscriptionState {
                     settled,
                     attempts,
                     dlq_removed,
+                    dropped_by_retention,
                 }))
             }
             TAG_DROPPED => StateEntry::Dropped,
@@ -628,6 +680,10 @@ mod tests {
                 time_us: 5,
             },
             StateEntry::Floor { floor: 7 },
+            StateEntry::RetentionDropped {
+                floor: 11,
+                count: 3,
+            },
             StateEntry::DlqRemoved {
                 ranges: vec![(0, 1)],
             },
@@ -638,6 +694,39 @@ mod tests {
         let (sub, got) = decode_entries(encode_entries(42, &entries)).unwrap();
         assert_eq!(sub, 42);
         assert_eq!(got, entries);
+    }
+
+    #[test]
+    fn a_snapshot_written_before_the_retention_counter_reads_as_zero_drops() {
+        let mut state = SubscriptionState::starting_at(Offset(4));
+        state.apply(&StateEntry::RetentionDropped { floor: 9, count: 5 });
+        assert_eq!(state.settled.floor(), 9);
+        assert_eq!(state.dropped_by_retention, 5);
+        let new = encode_entries(1, &[StateEntry::Snapshot(Box::new(state.clone()))]);
+        assert_eq!(new[8], TAG_SNAPSHOT_WITH_DROPS);
+        // The old layout: the same bytes under the old tag, without the
+        // trailing counter.
+        let mut old = BytesMut::from(&new[..new.len() - 8]);
+        old[8] = TAG_SNAPSHOT;
+        let (_, got) = decode_entries(old.freeze()).unwrap();
+        let StateEntry::Snapshot(got) = &got[0] else {
+            panic!("{got:?}")
+        };
+        assert_eq!(got.dropped_by_retention, 0);
+        assert_eq!(got.settled, state.settled);
+    }
+
+    #[test]
+    fn count_in_counts_members_of_a_range() {
+        let mut s = RangeSet::with_floor(10);
+        s.insert(12, 14);
+        s.insert(20, 25);
+        assert_eq!(s.count_in(0, 30), 10 + 2 + 5);
+        assert_eq!(s.count_in(10, 20), 2);
+        assert_eq!(s.count_in(13, 22), 1 + 2);
+        assert_eq!(s.count_in(5, 8), 3);
+        assert_eq!(s.count_in(25, 40), 0);
+        assert_eq!(s.count_in(9, 9), 0);
     }
 
     #[test]

@@ -26,6 +26,14 @@
 //! and sled use none of them. `flock` works: the kernel keeps those locks
 //! itself when the file system does not implement them.
 //!
+//! [`MountOptions::silly_rename`] makes it behave like an NFS client where
+//! removing a file that is still open is concerned: the file is renamed to
+//! a hidden `.nfs…` entry in the same directory (unlinking that entry while
+//! the file is open fails with EBUSY), the entry goes when the last handle
+//! is released, and until then the directory is not empty (rmdir fails
+//! with ENOTEMPTY). A file replaced by a rename while open is hidden the
+//! same way. Some FUSE file systems behave alike (libfuse's `hide`).
+//!
 //! Mounting needs root and `/dev/fuse`; [`PowerFs::unavailable`] says why
 //! not. fuser is built without libfuse: as root it calls mount(2) itself,
 //! so neither libfuse headers nor `fusermount` are needed.
@@ -192,17 +200,34 @@ impl Node {
     }
 }
 
+/// How a PowerFs behaves beyond POSIX.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MountOptions {
+    /// Removing an open file hides it as `.nfs…` until it is closed (see
+    /// the module doc).
+    pub silly_rename: bool,
+}
+
+/// Prefix of the entries [`MountOptions::silly_rename`] hides files under.
+pub const HIDDEN_PREFIX: &str = ".nfs";
+
 #[derive(Debug)]
 struct Tree {
     nodes: HashMap<u64, Node>,
     next_ino: u64,
     stats: Stats,
+    options: MountOptions,
+    /// Open handles per file inode (open and create minus release).
+    open: HashMap<u64, u32>,
+    /// Files hidden by a silly rename: inode -> (directory, hidden name).
+    hidden: HashMap<u64, (u64, OsString)>,
+    next_hidden: u64,
 }
 
 type Result<T> = std::result::Result<T, Errno>;
 
 impl Tree {
-    fn new() -> Tree {
+    fn new(options: MountOptions) -> Tree {
         // SAFETY: geteuid and getegid have no preconditions.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         let root = Node::new(
@@ -218,7 +243,51 @@ impl Tree {
             nodes: HashMap::from([(ROOT, root)]),
             next_ino: ROOT + 1,
             stats: Stats::default(),
+            options,
+            open: HashMap::new(),
+            hidden: HashMap::new(),
+            next_hidden: 0,
         }
+    }
+
+    fn opened(&mut self, ino: u64) {
+        *self.open.entry(ino).or_default() += 1;
+    }
+
+    /// The last handle of a file went: a hidden entry of it goes too.
+    fn released(&mut self, ino: u64) {
+        let Some(n) = self.open.get_mut(&ino) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        self.open.remove(&ino);
+        if let Some((parent, name)) = self.hidden.remove(&ino) {
+            if let Ok(dir) = self.dir_mut(parent) {
+                if dir.entries.get(&name) == Some(&ino) {
+                    dir.entries.remove(&name);
+                }
+            }
+        }
+    }
+
+    /// Under silly rename, whether `ino` is a file some handle has open.
+    fn busy(&self, ino: u64) -> bool {
+        self.options.silly_rename && self.open.get(&ino).is_some_and(|n| *n > 0)
+    }
+
+    /// Moves the open file `name` of `parent` to a hidden entry there.
+    fn hide(&mut self, parent: u64, name: &OsStr, ino: u64) -> Result<()> {
+        let hidden = OsString::from(format!("{HIDDEN_PREFIX}{ino:016x}{:08x}", self.next_hidden));
+        self.next_hidden += 1;
+        let dir = self.dir_mut(parent)?;
+        dir.entries.remove(name);
+        dir.entries.insert(hidden.clone(), ino);
+        self.hidden.insert(ino, (parent, hidden));
+        self.node_mut(parent)?.touch();
+        Ok(())
     }
 
     fn node(&self, ino: u64) -> Result<&Node> {
@@ -288,6 +357,13 @@ impl Tree {
             (Kind::Dir(d), true) if !d.entries.is_empty() => return Err(Errno::ENOTEMPTY),
             _ => {}
         }
+        if !want_dir && self.busy(ino) {
+            if self.hidden.contains_key(&ino) {
+                // What an NFS client answers for its own .nfs file.
+                return Err(Errno::EBUSY);
+            }
+            return self.hide(parent, name, ino);
+        }
         // The node itself stays: open handles still use it, and the
         // durable view may still name it.
         self.dir_mut(parent)?.entries.remove(name);
@@ -323,6 +399,9 @@ impl Tree {
                 (false, Kind::Dir(_)) => return Err(Errno::EISDIR),
                 (true, Kind::Dir(d)) if !d.entries.is_empty() => return Err(Errno::ENOTEMPTY),
                 _ => {}
+            }
+            if self.busy(target) && !self.hidden.contains_key(&target) {
+                self.hide(new_parent, new_name, target)?;
             }
         }
         if src_is_dir {
@@ -391,6 +470,9 @@ impl Tree {
             }
         }
         self.nodes.retain(|ino, _| live.contains(ino));
+        // The process using the mount is dead: nothing is open any more.
+        self.open.clear();
+        self.hidden.clear();
         for (child, parent) in parents {
             if let Some(Node {
                 kind: Kind::Dir(d), ..
@@ -548,8 +630,12 @@ impl Filesystem for Model {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         // O_TRUNC arrives as a setattr (no atomic_o_trunc).
-        match self.tree.lock().node(ino.0).map(|n| &n.kind) {
-            Ok(Kind::File(_)) => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+        let mut tree = self.tree.lock();
+        match tree.node(ino.0).map(|n| &n.kind) {
+            Ok(Kind::File(_)) => {
+                tree.opened(ino.0);
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+            }
             Ok(Kind::Dir(_)) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
@@ -604,6 +690,20 @@ impl Filesystem for Model {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.tree.lock().released(ino.0);
+        reply.ok();
     }
 
     fn flush(
@@ -739,6 +839,9 @@ impl Filesystem for Model {
                 tree.attr(ino)
             }
         })();
+        if let Ok(attr) = &result {
+            tree.opened(attr.ino.0);
+        }
         match result {
             Ok(attr) => reply.created(
                 &TTL,
@@ -810,7 +913,15 @@ impl PowerFs {
     /// # Panics
     /// If the mount fails.
     pub fn mount(dir: &Path) -> PowerFs {
-        let tree = Arc::new(Mutex::new(Tree::new()));
+        Self::mount_with(dir, MountOptions::default())
+    }
+
+    /// Like [`PowerFs::mount`], with `options`.
+    ///
+    /// # Panics
+    /// If the mount fails.
+    pub fn mount_with(dir: &Path, options: MountOptions) -> PowerFs {
+        let tree = Arc::new(Mutex::new(Tree::new(options)));
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName("powerfs".into()),
