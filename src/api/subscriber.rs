@@ -257,8 +257,16 @@ impl Subscriber for SubscriberService {
             tx,
         };
         tokio::spawn(stream.run(first, inbound));
-        // The transport takes a response here: its memory reservation ends.
-        let responses = ReceiverStream::new(rx).map(|queued: Queued| queued.response);
+        // The transport takes a response here. Its memory stays reserved
+        // until the transport asks for the next one: by then the response
+        // has left the encoder and at most the HTTP/2 send buffer holds
+        // part of it.
+        let mut handed_over: Option<DeliveryReservation> = None;
+        let responses = ReceiverStream::new(rx).map(move |queued: Queued| {
+            // Gives back the reservation of the response before this one.
+            drop(std::mem::replace(&mut handed_over, queued.held));
+            queued.response
+        });
         Ok(Response::new(Box::pin(responses)))
     }
 
@@ -341,14 +349,14 @@ struct StreamTask {
 /// its messages until the transport takes it.
 struct Queued {
     response: Result<v1::StreamingPullResponse, Status>,
-    _held: Option<DeliveryReservation>,
+    held: Option<DeliveryReservation>,
 }
 
 impl Queued {
     fn status(status: Status) -> Self {
         Self {
             response: Err(status),
-            _held: None,
+            held: None,
         }
     }
 }
@@ -453,7 +461,7 @@ async fn send_in_order(mut items: mpsc::Receiver<Outgoing>, tx: mpsc::Sender<Que
         }
         let queued = Queued {
             response: Ok(response),
-            _held: held,
+            held,
         };
         if tx.send(queued).await.is_err() {
             return; // the client went away

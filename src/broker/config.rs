@@ -48,6 +48,11 @@ pub const DEAD_LETTER_PAGE_DEFAULT: u32 = 100;
 /// Message ids per RedriveDeadLetters call.
 pub const REDRIVE_IDS_MAX: usize = 1_000;
 
+/// Unless set, the tail caches get this fraction of the memory budget
+/// (1/16: 64 MiB of the default 1 GiB). Consumers close behind the writer
+/// read from it; the page cache serves the rest.
+pub const TAIL_CACHE_SHARE_DEFAULT: u64 = 16;
+
 /// Everything the broker can be configured with.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -94,7 +99,7 @@ impl BrokerConfig {
             segment_bytes_max: 64 * 1024 * 1024,
             message_bytes_max: 10 * 1024 * 1024,
             memory_bytes_max: 1024 * 1024 * 1024,
-            tail_cache_bytes_max: 256 * 1024 * 1024,
+            tail_cache_bytes_max: 1024 * 1024 * 1024 / TAIL_CACHE_SHARE_DEFAULT,
             unacked_window_max: 100_000,
             journal_compact_bytes: 64 * 1024 * 1024,
             journal_defer_ms: 5,

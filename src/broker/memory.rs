@@ -14,11 +14,15 @@
 //! - **queued deliveries** (the rest, at least a quarter): messages leased
 //!   for Pull and StreamingPull responses and not yet handed to the
 //!   transport. A stream reserves the bytes of a batch before it reads the
-//!   batch and gives them back when the transport takes the response, so a
+//!   batch and gives them back when the transport, having taken the
+//!   response, asks for the next one (Pull: when the call returns), so a
 //!   client that stops reading holds at most its stream's own bound
 //!   ([`STREAM_QUEUED_BYTES_MAX`]) and every such client together at most
 //!   this share. When the share is used up, streams wait and Pull returns
 //!   what it has (possibly nothing) when its wait ends.
+//!
+//! Outside the budget: per stream, the transport's encode buffer (as large
+//! as the largest response the stream sent) and HTTP/2 send buffer.
 //!
 //! When a stream ends, the allocator is asked to give freed memory back to
 //! the operating system at the next housekeeping pass ([`trim`]).

@@ -97,7 +97,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", value_parser = parse::bytes)]
     pub max_message_bytes: Option<u64>,
 
-    /// Whole broker: bytes of recent messages served from memory, part of --memory-max [env: COURIER_TAIL_CACHE_BYTES] [default: 256MiB]
+    /// Whole broker: bytes of recent messages served from memory, part of --memory-max [env: COURIER_TAIL_CACHE_BYTES] [default: 1/16 of --memory-max]
     #[arg(long, value_name = "BYTES", value_parser = parse::bytes)]
     pub tail_cache_bytes: Option<u64>,
 
@@ -348,11 +348,12 @@ pub fn merge(flags: Settings, env: Settings, file: Settings) -> anyhow::Result<R
         broker.message_bytes_max = usize::try_from(n)
             .map_err(|_| anyhow::anyhow!("max_message_bytes {n} is too large"))?;
     }
-    if let Some(n) = s.tail_cache_bytes {
-        broker.tail_cache_bytes_max = n;
-    }
     if let Some(n) = s.memory_max {
         broker.memory_bytes_max = n;
+        broker.tail_cache_bytes_max = n / crate::broker::config::TAIL_CACHE_SHARE_DEFAULT;
+    }
+    if let Some(n) = s.tail_cache_bytes {
+        broker.tail_cache_bytes_max = n;
     }
     crate::broker::memory::MemoryShares::of(&broker).map_err(anyhow::Error::msg)?;
     if let Some(n) = s.unacked_window_max {

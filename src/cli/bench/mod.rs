@@ -32,6 +32,7 @@ mod chart;
 mod ctx;
 mod latency;
 mod report;
+mod slow;
 mod spawn;
 mod stats;
 mod throughput;
@@ -76,7 +77,14 @@ const LATENCY_DURATION_MS: u64 = 10_000;
 /// this long.
 const LATENCY_TICK_MIN_NS: u64 = 1_000_000;
 /// Default payload size.
-const DEFAULT_SIZE: &str = "256";
+const DEFAULT_SIZE: u64 = 256;
+/// The `slow-consumers` workload: messages, their size, bytes per Publish
+/// call, and silent streams.
+const SLOW_MESSAGES: u64 = 300;
+const SLOW_SIZE: u64 = 1024 * 1024;
+const SLOW_BATCH_BYTES: u64 = 4 * 1024 * 1024;
+const SLOW_STREAMS: u32 = 6;
+const SLOW_STREAMS_MAX: i64 = 1_000;
 /// Default messages per Publish call of the throughput workloads.
 const DEFAULT_BATCH: u32 = 100;
 /// Default most unconfirmed messages per publisher.
@@ -107,6 +115,9 @@ pub enum Workload {
     Drain,
     /// A large backlog: broker memory and disk, and restart time with --spawn-broker.
     Backlog,
+    /// StreamingPull consumers that never read: the broker's memory while they hold on and after.
+    #[serde(rename = "slow-consumers")]
+    SlowConsumers,
     /// publish, fanout (1 and 10 subscriptions), latency, drain; backlog with --spawn-broker.
     All,
 }
@@ -119,6 +130,7 @@ impl Workload {
             Workload::Latency => "latency",
             Workload::Drain => "drain",
             Workload::Backlog => "backlog",
+            Workload::SlowConsumers => "slow-consumers",
             Workload::All => "all",
         }
     }
@@ -132,12 +144,15 @@ pub struct BenchArgs {
     /// Workload to run.
     #[arg(long, value_enum, default_value_t = Workload::Publish)]
     pub workload: Workload,
-    /// Messages to publish [default: publish 200000, fanout 100000, drain 200000, backlog 10000000]
+    /// Messages to publish [default: publish 200000, fanout 100000, drain 200000, backlog 10000000, slow-consumers 300]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub messages: Option<u64>,
-    /// Payload size of each message, e.g. 256 or 4KiB
-    #[arg(long, value_name = "BYTES", default_value = DEFAULT_SIZE, value_parser = parse::bytes)]
-    pub size: u64,
+    /// Payload size of each message, e.g. 256 or 4KiB [default: 256; slow-consumers 1MiB]
+    #[arg(long, value_name = "BYTES", value_parser = parse::bytes)]
+    pub size: Option<u64>,
+    /// slow-consumers: StreamingPull streams that never read [default: 6]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=SLOW_STREAMS_MAX))]
+    pub streams: Option<u32>,
     /// fanout: subscriptions on the topic [default: 10]
     #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=SUBSCRIPTIONS_MAX))]
@@ -200,6 +215,7 @@ enum Step {
     Latency,
     Drain,
     Backlog,
+    SlowConsumers,
 }
 
 impl BenchArgs {
@@ -308,7 +324,7 @@ impl BenchArgs {
         unused(
             "--messages",
             self.messages.is_some(),
-            &[Publish, Fanout, Drain, Backlog, All],
+            &[Publish, Fanout, Drain, Backlog, SlowConsumers, All],
         )?;
         unused(
             "--subscriptions",
@@ -316,6 +332,7 @@ impl BenchArgs {
             &[Fanout, All],
         )?;
         unused("--rate", self.rate.is_some(), &[Latency, All])?;
+        unused("--streams", self.streams.is_some(), &[SlowConsumers])?;
         unused("--duration", self.duration.is_some(), &[Latency, All])?;
         unused("--chart", self.chart.is_some(), &[Fanout, All])?;
         unused(
@@ -353,6 +370,7 @@ impl BenchArgs {
             Workload::Latency => vec![Step::Latency],
             Workload::Drain => vec![Step::Drain],
             Workload::Backlog => vec![Step::Backlog],
+            Workload::SlowConsumers => vec![Step::SlowConsumers],
             Workload::All => {
                 let mut steps = vec![Step::Publish];
                 steps.extend(fanout);
@@ -371,7 +389,7 @@ impl BenchArgs {
         let in_flight = self.in_flight.unwrap_or(DEFAULT_IN_FLIGHT);
         let mut p = Params {
             messages: 0,
-            size: self.size,
+            size: self.size.unwrap_or(DEFAULT_SIZE),
             subscriptions: 1,
             batch,
             in_flight,
@@ -395,6 +413,16 @@ impl BenchArgs {
                 p.messages = self.messages.unwrap_or(BACKLOG_MESSAGES);
                 p.max_outstanding = None;
             }
+            Step::SlowConsumers => {
+                p.messages = self.messages.unwrap_or(SLOW_MESSAGES);
+                p.size = self.size.unwrap_or(SLOW_SIZE);
+                // 1 MiB messages: keep each Publish call within a few MiB.
+                p.batch = self.batch.unwrap_or_else(|| {
+                    u32::try_from((SLOW_BATCH_BYTES / p.size.max(1)).clamp(1, 100)).unwrap_or(1)
+                });
+                p.publish_concurrency = (p.in_flight / u64::from(p.batch)).clamp(1, 4);
+                p.max_outstanding = None;
+            }
             Step::Latency => {
                 let rate = self.rate.unwrap_or(LATENCY_RATE);
                 let duration_ms = self.duration.unwrap_or(LATENCY_DURATION_MS);
@@ -406,7 +434,7 @@ impl BenchArgs {
                 });
                 p.batch = batch;
                 p.messages = (rate * duration_ms / 1000).max(1);
-                p.size = self.size.max(LATENCY_HEADER_BYTES as u64);
+                p.size = p.size.max(LATENCY_HEADER_BYTES as u64);
                 p.publish_concurrency = (in_flight / u64::from(batch)).max(1);
                 p.rate = Some(rate);
                 p.duration_ms = Some(duration_ms);
@@ -430,6 +458,12 @@ impl BenchArgs {
                 Step::Latency => latency::latency(ctx, &p).await.map(WorkloadResult::Latency),
                 Step::Drain => throughput::drain(ctx, &p).await.map(WorkloadResult::Drain),
                 Step::Backlog => backlog::backlog(ctx, &p).await.map(WorkloadResult::Backlog),
+                Step::SlowConsumers => {
+                    let streams = self.streams.unwrap_or(SLOW_STREAMS);
+                    slow::slow_consumers(ctx, &p, streams)
+                        .await
+                        .map(WorkloadResult::SlowConsumers)
+                }
             };
             ctx.cleanup().await;
             results.push(result?);

@@ -82,6 +82,7 @@ pub(super) enum WorkloadResult {
     Latency(LatencyResult),
     Drain(DrainResult),
     Backlog(BacklogResult),
+    SlowConsumers(SlowConsumersResult),
 }
 
 /// `publish`: throughput until every publish is confirmed.
@@ -226,6 +227,31 @@ pub(super) struct BacklogResult {
     /// Whether a restart was measured (needs --spawn-broker).
     pub(super) restart_measured: bool,
     pub(super) restart: Option<RestartResult>,
+}
+
+/// `slow-consumers`: streams that never read, and the broker's memory.
+#[derive(Debug, Serialize)]
+pub(super) struct SlowConsumersResult {
+    pub(super) topic: String,
+    pub(super) params: Params,
+    /// StreamingPull streams that never read, one subscription.
+    pub(super) streams: u32,
+    /// GetBrokerStats.memory_max_bytes (0 from a broker without a budget).
+    pub(super) memory_max_bytes: u64,
+    /// GetBrokerStats.resident_memory_bytes after publishing.
+    pub(super) resident_before_streams_bytes: u64,
+    /// Highest resident memory sampled while the streams held on.
+    pub(super) resident_peak_bytes: u64,
+    /// Resident memory 3 s after the streams ended.
+    pub(super) resident_after_streams_end_bytes: u64,
+    /// Highest GetBrokerStats.queued_delivery_bytes sampled.
+    pub(super) queued_delivery_peak_bytes: u64,
+    pub(super) queued_delivery_after_end_bytes: u64,
+    /// Messages leased to the streams once they stopped taking more.
+    pub(super) held_messages: u64,
+    pub(super) held_bytes_per_stream: u64,
+    /// From opening the streams to the last change of the in-flight count.
+    pub(super) settled_s: f64,
 }
 
 /// A SIGTERM and restart of a spawned broker holding the backlog.
@@ -509,6 +535,46 @@ impl WorkloadResult {
                     format!("{} (acks not ok: {})", r.redeliveries, r.acks_not_ok),
                 )
                 .finish(),
+            WorkloadResult::SlowConsumers(r) => Section::new(format!(
+                "slow-consumers: {}, {} silent streams",
+                r.params.human(),
+                r.streams
+            ))
+            .field(
+                "memory budget",
+                if r.memory_max_bytes == 0 {
+                    "none reported".to_string()
+                } else {
+                    mib(r.memory_max_bytes)
+                },
+            )
+            .field(
+                "held",
+                format!(
+                    "{} messages ({} per stream) after {:.1} s",
+                    thousands(r.held_messages as f64),
+                    mib(r.held_bytes_per_stream),
+                    r.settled_s
+                ),
+            )
+            .field(
+                "queued deliveries",
+                format!(
+                    "peak {}, {} after the streams ended",
+                    mib(r.queued_delivery_peak_bytes),
+                    mib(r.queued_delivery_after_end_bytes)
+                ),
+            )
+            .field(
+                "broker memory",
+                format!(
+                    "{} before, peak {} while held, {} after the streams ended",
+                    mib(r.resident_before_streams_bytes),
+                    mib(r.resident_peak_bytes),
+                    mib(r.resident_after_streams_end_bytes)
+                ),
+            )
+            .finish(),
             WorkloadResult::Backlog(r) => {
                 let mut s = Section::new(format!("backlog: {}", r.params.human()));
                 s.field(
