@@ -311,6 +311,38 @@ async fn backlog_without_a_spawned_broker_says_restart_was_not_measured() {
     assert!(bench_topics(&server).await.is_empty(), "topics left behind");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumers_hold_what_the_streams_queue_and_give_it_back() {
+    let server = TestServer::start().await;
+    let report = bench_json(
+        &server.url(),
+        &[
+            "--workload",
+            "slow-consumers",
+            "--messages",
+            "400",
+            "--size",
+            "256KiB",
+            "--streams",
+            "2",
+        ],
+    );
+    let r = &report["results"][0];
+    assert_eq!(r["workload"], "slow-consumers");
+    assert_eq!(u(r, "streams"), 2);
+    assert_eq!(u(r, "memory_max_bytes"), 1 << 30);
+    // Two streams queue at most 16 MiB (64 messages) each, plus what the
+    // transport holds (a 4 MiB response being encoded, the client's 5 MiB
+    // HTTP/2 window): far fewer than the 400 messages flow control allows.
+    let held = u(r, "held_messages");
+    assert!((1..=2 * (64 + 40)).contains(&held), "held {held} in {r}");
+    assert!(u(r, "queued_delivery_peak_bytes") <= 2 * 16 << 20, "{r}");
+    assert_eq!(u(r, "queued_delivery_after_end_bytes"), 0, "{r}");
+    positive(r, "resident_peak_bytes");
+    positive(r, "resident_after_streams_end_bytes");
+    assert!(bench_topics(&server).await.is_empty(), "topics left behind");
+}
+
 #[test]
 fn flags_of_other_workloads_are_usage_errors() {
     let out = bench(

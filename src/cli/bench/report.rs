@@ -82,6 +82,7 @@ pub(super) enum WorkloadResult {
     Latency(LatencyResult),
     Drain(DrainResult),
     Backlog(BacklogResult),
+    #[serde(rename = "slow-consumers")]
     SlowConsumers(SlowConsumersResult),
 }
 
