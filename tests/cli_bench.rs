@@ -336,7 +336,7 @@ async fn slow_consumers_hold_what_the_streams_queue_and_give_it_back() {
     // HTTP/2 window): far fewer than the 400 messages flow control allows.
     let held = u(r, "held_messages");
     assert!((1..=2 * (64 + 40)).contains(&held), "held {held} in {r}");
-    assert!(u(r, "queued_delivery_peak_bytes") <= 2 * 16 << 20, "{r}");
+    assert!(u(r, "queued_delivery_peak_bytes") <= 2 * (16 << 20), "{r}");
     assert_eq!(u(r, "queued_delivery_after_end_bytes"), 0, "{r}");
     positive(r, "resident_peak_bytes");
     positive(r, "resident_after_streams_end_bytes");
