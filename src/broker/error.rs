@@ -16,18 +16,20 @@ pub enum BrokerError {
     /// A configured limit was reached.
     #[error("{0}")]
     ResourceExhausted(String),
-    /// A topic whose retention mode is reject-publish holds
-    /// `retention.max_bytes` of messages its subscriptions have not
-    /// settled: publishes wait for consumers.
+    /// A publish would take the unsettled backlog of a topic whose
+    /// retention mode is reject-publish past `retention.max_bytes`:
+    /// publishes wait for consumers.
     #[error(
-        "topic {topic:?} is at its retention.max_bytes of {max_bytes} bytes and its retention mode is reject-publish; \
-         publishes are refused until its subscriptions acknowledge or dead-letter older messages \
-         (unsettled backlog: {backlog_bytes} bytes)"
+        "topic {topic:?} has {backlog_bytes} bytes its subscriptions have not settled; this publish of \
+         {publish_bytes} bytes would take it past its retention.max_bytes of {max_bytes} and its \
+         retention mode is reject-publish: publishes are refused until its subscriptions acknowledge \
+         or dead-letter older messages"
     )]
     TopicFull {
         topic: String,
         max_bytes: u64,
         backlog_bytes: u64,
+        publish_bytes: u64,
     },
     /// The request is valid but the system is not in a state to run it.
     #[error("{0}")]

@@ -65,7 +65,10 @@ impl MemoryShares {
         if total < MEMORY_BYTES_MIN {
             return Err(BrokerError::invalid(
                 "memory_max",
-                format!("{total} bytes is below the minimum of {MEMORY_BYTES_MIN}"),
+                format!(
+                    "{total} bytes is below the minimum of {} MiB",
+                    MEMORY_BYTES_MIN >> 20
+                ),
             ));
         }
         if config.tail_cache_bytes_max > total / 2 {

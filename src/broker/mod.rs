@@ -594,7 +594,8 @@ impl Broker {
             self.check_message(i, m)?;
         }
         let topic = self.topic(topic)?;
-        topic.check_room()?;
+        let publish_bytes = messages.iter().map(|m| m.frame_len() as u64).sum();
+        topic.check_room(publish_bytes)?;
         Ok(topic.log.append(&messages).await?)
     }
 

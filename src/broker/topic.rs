@@ -86,12 +86,15 @@ impl Topic {
         self.log.bytes_from(self.settled_floor())
     }
 
-    /// Whether a publish may go ahead: under the reject-publish retention
-    /// mode, not while the backlog is at or over `retention.max_bytes`.
+    /// Whether a publish of `publish_bytes` (stored size) may go ahead:
+    /// under the reject-publish retention mode, not if it would take the
+    /// backlog past `retention.max_bytes` (a batch larger than the bound
+    /// never fits). Concurrent publishes are checked against the same
+    /// backlog, so together they may pass the bound by what is in flight.
     ///
     /// # Errors
     /// `TopicFull` naming the topic and its bound.
-    pub(crate) fn check_room(&self) -> Result<()> {
+    pub(crate) fn check_room(&self, publish_bytes: u64) -> Result<()> {
         let retention = self.def.retention;
         let (RetentionMode::RejectPublish, Some(max_bytes)) = (retention.mode, retention.max_bytes)
         else {
@@ -99,17 +102,18 @@ impl Topic {
         };
         // The backlog is part of the log: a log below the bound needs no
         // look at the subscriptions.
-        if self.log.stats().disk_bytes < max_bytes {
+        if self.log.stats().disk_bytes + publish_bytes <= max_bytes {
             return Ok(());
         }
         let backlog_bytes = self.backlog_bytes();
-        if backlog_bytes < max_bytes {
+        if backlog_bytes + publish_bytes <= max_bytes {
             return Ok(());
         }
         Err(BrokerError::TopicFull {
             topic: self.def.name.clone(),
             max_bytes,
             backlog_bytes,
+            publish_bytes,
         })
     }
 }
