@@ -120,12 +120,77 @@ async fn a_nack_waits_for_the_retry_backoff() {
         "redelivered before the backoff"
     );
     let again = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    // Equal jitter: between half of the 1 s backoff and all of it.
     assert!(
-        nacked.elapsed() >= Duration::from_millis(1000),
+        nacked.elapsed() >= Duration::from_millis(500),
         "{:?}",
         nacked.elapsed()
     );
     assert_eq!(again[0].delivery_attempt, 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_lease_and_a_stream_that_ends_wait_for_the_retry_backoff_too() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub_with(v1::Subscription {
+        name: "s".into(),
+        topic: "t".into(),
+        ack_deadline_ms: 100,
+        retry_policy: Some(v1::RetryPolicy {
+            min_backoff_ms: 1000,
+            max_backoff_ms: 2000,
+        }),
+        ..Default::default()
+    })
+    .await;
+    c.publish("t", &["x"]).await;
+    // A consumer takes it and crashes: the lease expires after 100 ms and
+    // the message waits at least half the 1 s backoff more.
+    let first = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    let leased = Instant::now();
+    let again = c.pull_n("s", 1, Duration::from_secs(5)).await;
+    assert!(
+        leased.elapsed() >= Duration::from_millis(100 + 500),
+        "redelivered {:?} after the lease",
+        leased.elapsed()
+    );
+    assert_eq!(again[0].delivery_attempt, first[0].delivery_attempt + 1);
+    // Attempt 2 expires too (1–2 s of backoff), then goes to a stream
+    // that ends with it leased: attempt 3 failed, so the backoff is the
+    // 2 s maximum, at least 1 s with jitter.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(v1::StreamingPullRequest {
+        subscription: "s".into(),
+        stream_ack_deadline_ms: Some(60_000),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = c
+        .subscriber
+        .streaming_pull(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let got = loop {
+        let r = stream.message().await.unwrap().unwrap();
+        if !r.received_messages.is_empty() {
+            break r.received_messages;
+        }
+    };
+    assert_eq!(got[0].delivery_attempt, 3);
+    drop((tx, stream));
+    let ended = Instant::now();
+    let last = c.pull_n("s", 1, Duration::from_secs(8)).await;
+    assert!(
+        ended.elapsed() >= Duration::from_millis(1000),
+        "redelivered {:?} after the stream ended",
+        ended.elapsed()
+    );
+    assert_eq!(last[0].delivery_attempt, 4);
     server.stop().await;
 }
 

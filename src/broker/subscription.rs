@@ -34,7 +34,7 @@ use crate::broker::dead_letter::{
 };
 use crate::broker::error::{BrokerError, Result};
 use crate::broker::topic::Topic;
-use crate::storage::meta::SubscriptionDef;
+use crate::storage::meta::{RetryPolicy, SubscriptionDef};
 use crate::storage::state::{StateEntry, StateJournal, SubscriptionState};
 use crate::storage::{AppendTicket, Log, NewRecord, Offset, ReadLimits, Record, StorageError};
 
@@ -992,12 +992,7 @@ impl Subscription {
                             String::new(),
                         ));
                     } else {
-                        let backoff = backoff_ms(
-                            def.retry.min_backoff_ms,
-                            def.retry.max_backoff_ms,
-                            attempts,
-                        );
-                        core.schedule(id.offset, now + Duration::from_millis(backoff));
+                        core.schedule(id.offset, now + retry_delay(&def.retry, attempts, id.offset));
                     }
                     AckOutcome::Ok
                 })
@@ -1020,8 +1015,9 @@ impl Subscription {
         Ok(outcomes)
     }
 
-    /// Releases every lease of `consumer` (its stream ended): each message
-    /// is redelivered at once, or dead-lettered if out of attempts.
+    /// Releases every lease of `consumer` (its stream ended): each counts
+    /// as a failed attempt and is redelivered after the retry backoff, or
+    /// dead-lettered if out of attempts.
     ///
     /// # Cancel safety
     /// The leases are released before the first await and the dead letters
@@ -1029,6 +1025,7 @@ impl Subscription {
     /// not stop.
     pub async fn release_consumer(self: &Arc<Self>, consumer: ConsumerId) {
         let attempts_max = self.attempts_max();
+        let retry = self.def().retry;
         let mut to_dead_letter = Vec::new();
         {
             let mut core = self.core.lock();
@@ -1041,7 +1038,7 @@ impl Subscription {
             let now = Instant::now();
             for offset in mine {
                 core.remove_lease(offset);
-                Self::fail_attempt(&mut core, attempts_max, offset, now, &mut to_dead_letter);
+                Self::fail_attempt(&mut core, attempts_max, &retry, offset, now, &mut to_dead_letter);
             }
             core.consumers.remove(&consumer);
         }
@@ -1056,11 +1053,13 @@ impl Subscription {
         }
     }
 
-    /// A delivery failed (lease expired or released): redeliver at once,
-    /// or dead-letter if attempts reached `attempts_max`.
+    /// A delivery failed (lease expired or released): redeliver after the
+    /// retry backoff, as for a nack, or dead-letter if attempts reached
+    /// `attempts_max`.
     fn fail_attempt(
         core: &mut Core,
         attempts_max: Option<u32>,
+        retry: &RetryPolicy,
         offset: u64,
         now: Instant,
         to_dead_letter: &mut Vec<(u64, DeadLetterReason, String)>,
@@ -1069,7 +1068,8 @@ impl Subscription {
             core.dead_lettering.insert(offset);
             to_dead_letter.push((offset, DeadLetterReason::AttemptsExhausted, String::new()));
         } else {
-            core.schedule(offset, now);
+            let attempts = core.attempts(offset);
+            core.schedule(offset, now + retry_delay(retry, attempts, offset));
         }
     }
 
@@ -1085,6 +1085,7 @@ impl Subscription {
     /// Called by the broker's ticker.
     pub async fn tick(&self) {
         let attempts_max = self.attempts_max();
+        let retry = self.def().retry;
         let mut to_dead_letter = Vec::new();
         let wake = {
             let mut core = self.core.lock();
@@ -1094,7 +1095,7 @@ impl Subscription {
                     break;
                 }
                 core.remove_lease(offset);
-                Self::fail_attempt(&mut core, attempts_max, offset, now, &mut to_dead_letter);
+                Self::fail_attempt(&mut core, attempts_max, &retry, offset, now, &mut to_dead_letter);
             }
             let (due, later): (Vec<DueDeadLetter>, Vec<DueDeadLetter>) =
                 std::mem::take(&mut core.dead_letter_due)
@@ -1575,8 +1576,31 @@ impl Subscription {
     }
 }
 
-/// Nack backoff before redelivery after `attempts` failed deliveries:
-/// `min * 2^(attempts-1)`, capped at `max`.
+/// How long a message waits before its next delivery after `attempts`
+/// failed ones (nacked, expired or released): the backoff with *equal
+/// jitter*, a uniformly random delay between half of [`backoff_ms`] and
+/// all of it, so messages that failed together do not all come back at
+/// the same moment.
+pub fn retry_delay(retry: &RetryPolicy, attempts: u32, offset: u64) -> Duration {
+    let backoff = backoff_ms(retry.min_backoff_ms, retry.max_backoff_ms, attempts);
+    Duration::from_millis(equal_jitter(backoff, random_u64(offset, attempts)))
+}
+
+/// `backoff / 2` plus a share of the other half given by `random`.
+fn equal_jitter(backoff: u64, random: u64) -> u64 {
+    let half = backoff / 2;
+    let spread = backoff - half;
+    half + random % (spread + 1)
+}
+
+/// A random number for jitter; not for anything that needs secrecy.
+fn random_u64(offset: u64, attempts: u32) -> u64 {
+    use std::hash::BuildHasher as _;
+    std::collections::hash_map::RandomState::new().hash_one((offset, attempts, Instant::now()))
+}
+
+/// Backoff before redelivery after `attempts` failed deliveries:
+/// `min * 2^(attempts-1)`, capped at `max` (before jitter).
 pub fn backoff_ms(min: u64, max: u64, attempts: u32) -> u64 {
     if min == 0 {
         return 0;
@@ -1588,6 +1612,28 @@ pub fn backoff_ms(min: u64, max: u64, attempts: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_delays_are_jittered_between_half_and_all_of_the_backoff() {
+        let retry = RetryPolicy {
+            min_backoff_ms: 1_000,
+            max_backoff_ms: 60_000,
+        };
+        let delays: Vec<u64> = (0..50)
+            .map(|offset| u64::try_from(retry_delay(&retry, 1, offset).as_millis()).unwrap())
+            .collect();
+        assert!(delays.iter().all(|d| (500..=1_000).contains(d)), "{delays:?}");
+        let spread = delays.iter().max().unwrap() - delays.iter().min().unwrap();
+        assert!(spread >= 100, "50 delays spread over {spread} ms only: {delays:?}");
+        assert_eq!(equal_jitter(0, 12345), 0);
+        assert_eq!(equal_jitter(10, 0), 5);
+        assert_eq!(equal_jitter(10, 5), 10);
+        assert_eq!(
+            retry_delay(&RetryPolicy::default(), 3, 7),
+            Duration::ZERO,
+            "no policy: at once"
+        );
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_max() {

@@ -69,7 +69,7 @@ pub struct TopicDef {
     pub created_ms: u64,
 }
 
-/// Redelivery backoff after a nack.
+/// Redelivery backoff after a failed delivery (nack, lease expiry, stream end).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetryPolicy {
     pub min_backoff_ms: u64,
