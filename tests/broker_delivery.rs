@@ -231,6 +231,10 @@ async fn exhausted_attempts_dead_letter_once_with_full_metadata_and_redrive_retu
     assert_eq!(dls.len(), 1);
     let dl = &dls[0];
     assert_eq!(dl.reason, v1::DeadLetterReason::AttemptsExhausted as i32);
+    assert_eq!(
+        dl.reason_text,
+        "3 delivery attempts failed; the last one was nacked"
+    );
     assert_eq!(dl.delivery_attempts, 3);
     assert_eq!(dl.topic, "t");
     assert_eq!(dl.subscription, "s");
@@ -484,4 +488,81 @@ async fn concurrent_redrives_return_each_dead_letter_once() {
         c.ack("s", ack_ids(&batch)).await;
     }
     assert_eq!(seen.len(), 300);
+}
+
+#[tokio::test]
+async fn an_attempts_exhausted_dead_letter_says_how_the_last_attempt_failed() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub_with(v1::Subscription {
+        name: "s".into(),
+        topic: "t".into(),
+        ack_deadline_ms: 100,
+        dead_letter_policy: Some(v1::DeadLetterPolicy {
+            max_delivery_attempts: 1,
+            forward_topic: String::new(),
+        }),
+        ..Default::default()
+    })
+    .await;
+    c.publish("t", &["expires", "stream ends"]).await;
+    // The first is pulled and left to expire.
+    let first = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    assert_eq!(text(&first[0]), "expires");
+    // The second goes to a stream that ends with it leased.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(v1::StreamingPullRequest {
+        subscription: "s".into(),
+        stream_ack_deadline_ms: Some(60_000),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = c
+        .subscriber
+        .streaming_pull(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let r = stream.message().await.unwrap().unwrap();
+        if !r.received_messages.is_empty() {
+            assert_eq!(text(&r.received_messages[0]), "stream ends");
+            break;
+        }
+    }
+    drop((tx, stream));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let dls = loop {
+        let dls = c.dead_letters("s").await;
+        if dls.len() == 2 || Instant::now() > deadline {
+            break dls;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut texts: Vec<(String, String)> = dls
+        .iter()
+        .map(|d| {
+            let data = d.message.as_ref().unwrap().data.to_vec();
+            (String::from_utf8(data).unwrap(), d.reason_text.clone())
+        })
+        .collect();
+    texts.sort();
+    assert_eq!(
+        texts,
+        vec![
+            (
+                "expires".to_string(),
+                "1 delivery attempt failed; the last one expired (its ack deadline passed)"
+                    .to_string()
+            ),
+            (
+                "stream ends".to_string(),
+                "1 delivery attempt failed; the last one was leased to a stream that ended"
+                    .to_string()
+            ),
+        ]
+    );
+    server.stop().await;
 }

@@ -410,6 +410,10 @@ async fn a_last_attempt_in_flight_at_restart_is_dead_lettered_not_delivered_agai
     let dead = c.dead_letters("s").await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].delivery_attempts, 3);
+    assert_eq!(
+        dead[0].reason_text,
+        "3 delivery attempts failed; the last one was in flight when the broker stopped"
+    );
     assert_eq!(c.stats("s").await.backlog_messages, 0);
     server.stop().await;
 }

@@ -233,7 +233,10 @@ async fn the_drop_count_survives_journal_compaction_and_a_restart() {
     // after them.
     tokio::time::sleep(Duration::from_millis(3 * HOUSEKEEPING_MS)).await;
     let settled = c.stats("lagging").await.dropped_by_retention;
-    assert!(settled >= dropped, "the count went back: {dropped} then {settled}");
+    assert!(
+        settled >= dropped,
+        "the count went back: {dropped} then {settled}"
+    );
     assert_eq!(settled, topic_stats(&mut c, "t").await.first_offset);
     let dropped = settled;
     server.stop().await;

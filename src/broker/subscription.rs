@@ -336,13 +336,15 @@ impl Core {
         Some((entry, count))
     }
 
-    /// Queues `offset` for `tick` to dead-letter (attempts exhausted).
+    /// Queues `offset` for `tick` to dead-letter (attempts exhausted; the
+    /// last one was in flight when the broker stopped).
     fn dead_letter_later(&mut self, offset: u64) {
         if self.dead_lettering.insert(offset) {
+            let attempts = self.attempts(offset);
             self.dead_letter_due.push(DueDeadLetter {
                 offset,
                 reason: DeadLetterReason::AttemptsExhausted,
-                text: String::new(),
+                text: exhausted_text(attempts, Failure::Interrupted),
                 not_before: Instant::now(),
             });
         }
@@ -370,10 +372,10 @@ impl Subscription {
             .filter(|(o, a)| {
                 attempts_max.is_some_and(|max| a.count >= max) && !state.settled.contains(**o)
             })
-            .map(|(o, _)| DueDeadLetter {
+            .map(|(o, a)| DueDeadLetter {
                 offset: *o,
                 reason: DeadLetterReason::AttemptsExhausted,
-                text: String::new(),
+                text: exhausted_text(a.count, Failure::Interrupted),
                 not_before: now,
             })
             .collect();
@@ -989,10 +991,13 @@ impl Subscription {
                         to_dead_letter.push((
                             id.offset,
                             DeadLetterReason::AttemptsExhausted,
-                            String::new(),
+                            exhausted_text(attempts, Failure::Nacked),
                         ));
                     } else {
-                        core.schedule(id.offset, now + retry_delay(&def.retry, attempts, id.offset));
+                        core.schedule(
+                            id.offset,
+                            now + retry_delay(&def.retry, attempts, id.offset),
+                        );
                     }
                     AckOutcome::Ok
                 })
@@ -1038,7 +1043,14 @@ impl Subscription {
             let now = Instant::now();
             for offset in mine {
                 core.remove_lease(offset);
-                Self::fail_attempt(&mut core, attempts_max, &retry, offset, now, &mut to_dead_letter);
+                Self::fail_attempt(
+                    &mut core,
+                    attempts_max,
+                    &retry,
+                    offset,
+                    (now, Failure::StreamEnded),
+                    &mut to_dead_letter,
+                );
             }
             core.consumers.remove(&consumer);
         }
@@ -1061,12 +1073,13 @@ impl Subscription {
         attempts_max: Option<u32>,
         retry: &RetryPolicy,
         offset: u64,
-        now: Instant,
+        (now, how): (Instant, Failure),
         to_dead_letter: &mut Vec<(u64, DeadLetterReason, String)>,
     ) {
         if core.exhausted(attempts_max, offset) {
             core.dead_lettering.insert(offset);
-            to_dead_letter.push((offset, DeadLetterReason::AttemptsExhausted, String::new()));
+            let text = exhausted_text(core.attempts(offset), how);
+            to_dead_letter.push((offset, DeadLetterReason::AttemptsExhausted, text));
         } else {
             let attempts = core.attempts(offset);
             core.schedule(offset, now + retry_delay(retry, attempts, offset));
@@ -1095,7 +1108,14 @@ impl Subscription {
                     break;
                 }
                 core.remove_lease(offset);
-                Self::fail_attempt(&mut core, attempts_max, &retry, offset, now, &mut to_dead_letter);
+                Self::fail_attempt(
+                    &mut core,
+                    attempts_max,
+                    &retry,
+                    offset,
+                    (now, Failure::Expired),
+                    &mut to_dead_letter,
+                );
             }
             let (due, later): (Vec<DueDeadLetter>, Vec<DueDeadLetter>) =
                 std::mem::take(&mut core.dead_letter_due)
@@ -1576,6 +1596,29 @@ impl Subscription {
     }
 }
 
+/// How a delivery attempt failed, as an attempts-exhausted dead letter
+/// tells it.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    Nacked,
+    Expired,
+    StreamEnded,
+    /// In flight when the broker stopped (a crash or a shutdown).
+    Interrupted,
+}
+
+/// The broker-written `reason_text` of an attempts-exhausted dead letter.
+fn exhausted_text(attempts: u32, last: Failure) -> String {
+    let how = match last {
+        Failure::Nacked => "was nacked",
+        Failure::Expired => "expired (its ack deadline passed)",
+        Failure::StreamEnded => "was leased to a stream that ended",
+        Failure::Interrupted => "was in flight when the broker stopped",
+    };
+    let plural = if attempts == 1 { "" } else { "s" };
+    format!("{attempts} delivery attempt{plural} failed; the last one {how}")
+}
+
 /// How long a message waits before its next delivery after `attempts`
 /// failed ones (nacked, expired or released): the backoff with *equal
 /// jitter*, a uniformly random delay between half of [`backoff_ms`] and
@@ -1622,9 +1665,15 @@ mod tests {
         let delays: Vec<u64> = (0..50)
             .map(|offset| u64::try_from(retry_delay(&retry, 1, offset).as_millis()).unwrap())
             .collect();
-        assert!(delays.iter().all(|d| (500..=1_000).contains(d)), "{delays:?}");
+        assert!(
+            delays.iter().all(|d| (500..=1_000).contains(d)),
+            "{delays:?}"
+        );
         let spread = delays.iter().max().unwrap() - delays.iter().min().unwrap();
-        assert!(spread >= 100, "50 delays spread over {spread} ms only: {delays:?}");
+        assert!(
+            spread >= 100,
+            "50 delays spread over {spread} ms only: {delays:?}"
+        );
         assert_eq!(equal_jitter(0, 12345), 0);
         assert_eq!(equal_jitter(10, 0), 5);
         assert_eq!(equal_jitter(10, 5), 10);
