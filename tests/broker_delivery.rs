@@ -566,3 +566,36 @@ async fn an_attempts_exhausted_dead_letter_says_how_the_last_attempt_failed() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_pull_waiting_when_the_broker_shuts_down_ends_unavailable() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub("s", "t").await;
+    let mut waiting = c.clone();
+    let pull = tokio::spawn(async move {
+        waiting
+            .subscriber
+            .pull(v1::PullRequest {
+                subscription: "s".into(),
+                max_messages: 10,
+                wait_ms: 30_000,
+            })
+            .await
+    });
+    // Let the Pull reach the broker and wait there.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    server.stop().await;
+    let status = pull
+        .await
+        .unwrap()
+        .expect_err("a Pull during shutdown is UNAVAILABLE");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown waited {:?} for the Pull",
+        started.elapsed()
+    );
+}

@@ -147,3 +147,14 @@ async fn errors_are_one_line_with_the_status_code_and_a_non_zero_exit() {
     );
     server.stop().await;
 }
+
+#[test]
+fn publish_usage_names_the_topic_before_the_message() {
+    let out = courier("http://127.0.0.1:1", &["publish", "--help"]);
+    let help = String::from_utf8(out.stdout).unwrap();
+    let usage = help.lines().find(|l| l.starts_with("Usage:")).unwrap();
+    assert_eq!(
+        usage,
+        "Usage: courier publish [OPTIONS] <TOPIC> <MESSAGE|--file <FILE>|--lines>"
+    );
+}

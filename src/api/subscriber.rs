@@ -209,7 +209,10 @@ impl Subscriber for SubscriberService {
                     }));
                 }
             }
-            if Instant::now() >= until || self.broker.is_shutting_down() {
+            if self.broker.is_shutting_down() {
+                return Err(Status::unavailable("the broker is shutting down"));
+            }
+            if Instant::now() >= until {
                 return Ok(Response::new(v1::PullResponse::default()));
             }
             tokio::select! {

@@ -33,6 +33,8 @@ const MESSAGE_OVERHEAD_BYTES: usize = 16;
 /// `courier publish`.
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("source").required(true).args(["message", "file", "lines"])))]
+// clap puts a required group before the positionals; the topic comes first.
+#[command(override_usage = "courier publish [OPTIONS] <TOPIC> <MESSAGE|--file <FILE>|--lines>")]
 pub struct PublishArgs {
     #[command(flatten)]
     pub conn: Conn,
