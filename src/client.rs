@@ -56,7 +56,22 @@ impl Client {
     /// failing if the URL is malformed or the broker cannot be reached
     /// within [`CONNECT_TIMEOUT`].
     pub async fn connect(url: &str) -> Result<Client, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(url.to_string())?
+        Self::connect_with_timeout(url, None).await
+    }
+
+    /// Like [`Client::connect`]; with `request_timeout`, every call that
+    /// has no answer within it fails (status CANCELLED from the client's
+    /// transport), so a listener that accepts and never answers cannot
+    /// hang the caller.
+    pub async fn connect_with_timeout(
+        url: &str,
+        request_timeout: Option<Duration>,
+    ) -> Result<Client, tonic::transport::Error> {
+        let mut endpoint = Endpoint::from_shared(url.to_string())?;
+        if let Some(timeout) = request_timeout {
+            endpoint = endpoint.timeout(timeout);
+        }
+        let channel = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)

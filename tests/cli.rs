@@ -158,3 +158,32 @@ fn publish_usage_names_the_topic_before_the_message() {
         "Usage: courier publish [OPTIONS] <TOPIC> <MESSAGE|--file <FILE>|--lines>"
     );
 }
+
+#[test]
+fn a_server_that_accepts_and_never_answers_times_out_naming_it() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Accept and hold every connection without a byte in reply.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn);
+        }
+    });
+    let server = format!("http://{addr}");
+    let out = courier(&server, &["topic", "list", "--timeout", "300ms"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim(),
+        format!("error: topic list: no answer from courier at {server} within 300ms (--timeout)")
+    );
+    // A pull's wait comes on top of the timeout, and the error says so too.
+    let out = courier(
+        &server,
+        &["pull", "s", "--wait", "200ms", "--timeout", "100ms"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no answer from courier at"), "{stderr}");
+}

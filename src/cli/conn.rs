@@ -32,22 +32,50 @@ pub struct Conn {
     /// Print one JSON object per line instead of human-readable text.
     #[arg(long, global = true)]
     pub json: bool,
+
+    /// Longest wait for the broker's answer to each call; a pull's --wait comes on top
+    #[arg(
+        long,
+        global = true,
+        env = "COURIER_TIMEOUT",
+        default_value = "30s",
+        value_name = "DURATION",
+        value_parser = timeout_ms
+    )]
+    pub timeout: u64,
+}
+
+fn timeout_ms(s: &str) -> Result<u64, String> {
+    match super::parse::duration_ms(s)? {
+        0 => Err(format!("{s:?} must be longer than 0")),
+        ms => Ok(ms),
+    }
 }
 
 impl Conn {
     /// Connects to the broker and opens stdout.
     pub async fn open(&self) -> anyhow::Result<Session> {
-        let client = Client::connect(&self.server).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach courier at {}: {}",
-                self.server,
-                error_chain(&e)
-            )
-        })?;
+        self.open_waiting(0).await
+    }
+
+    /// Like [`Conn::open`], for calls that may wait `wait_ms` on the broker
+    /// (a long-polling pull) before the timeout counts.
+    pub async fn open_waiting(&self, wait_ms: u64) -> anyhow::Result<Session> {
+        let timeout = std::time::Duration::from_millis(self.timeout.saturating_add(wait_ms));
+        let client = Client::connect_with_timeout(&self.server, Some(timeout))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach courier at {}: {}",
+                    self.server,
+                    error_chain(&e)
+                )
+            })?;
         Ok(Session {
             client,
             out: Output::new(self.json),
             server: self.server.clone(),
+            timeout,
         })
     }
 }
@@ -79,6 +107,7 @@ pub struct Session {
     pub client: Client,
     pub out: Output,
     server: String,
+    timeout: std::time::Duration,
 }
 
 impl Session {
@@ -86,8 +115,27 @@ impl Session {
     /// names the operation and its object (`sub create "orders-x"`). A
     /// transport failure reports the broker as unreachable instead.
     pub fn fail(&self, what: impl Display, status: Status) -> anyhow::Error {
+        if is_client_timeout(&status) {
+            return anyhow::anyhow!(
+                "{what}: no answer from courier at {} within {} (--timeout)",
+                self.server,
+                humantime::format_duration(self.timeout)
+            );
+        }
         anyhow::anyhow!(rpc_error_line(&self.server, &what.to_string(), &status))
     }
+}
+
+/// Whether `status` is the client's own request timeout, not the broker's.
+fn is_client_timeout(status: &Status) -> bool {
+    let mut next = status.source();
+    while let Some(e) = next {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// The text of [`Session::fail`].

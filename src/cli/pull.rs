@@ -79,7 +79,7 @@ pub struct ModackArgs {
 impl PullArgs {
     /// Runs the command.
     pub async fn run(self) -> anyhow::Result<()> {
-        let mut s = self.conn.open().await?;
+        let mut s = self.conn.open_waiting(self.wait).await?;
         let sub = &self.subscription;
         let received = s
             .client
