@@ -89,6 +89,7 @@ async fn deleting_a_topic_removes_its_subscriptions_and_files_and_orphans_are_cl
     c.admin
         .delete_topic(v1::DeleteTopicRequest {
             name: "gone".into(),
+            force: true,
         })
         .await
         .unwrap();
@@ -267,6 +268,7 @@ async fn dead_letters_are_forwarded_to_the_forward_topic() {
         .admin
         .delete_topic(v1::DeleteTopicRequest {
             name: "graveyard".into(),
+            force: true,
         })
         .await
         .unwrap_err();

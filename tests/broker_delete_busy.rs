@@ -159,7 +159,10 @@ async fn deletes_remove_their_directories_where_open_files_keep_them_busy() {
     );
 
     c.admin
-        .delete_topic(v1::DeleteTopicRequest { name: "t".into() })
+        .delete_topic(v1::DeleteTopicRequest {
+            name: "t".into(),
+            force: true,
+        })
         .await
         .unwrap();
     wait_for_names(&topics, &kept_topics).await;

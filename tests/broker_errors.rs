@@ -311,10 +311,20 @@ async fn bad_input_gets_a_precise_status_naming_the_field() {
     row!(
         "delete unknown topic",
         a.delete_topic(v1::DeleteTopicRequest {
-            name: "nope".into()
+            name: "nope".into(),
+            force: false,
         }),
         Code::NotFound,
         "nope"
+    );
+    row!(
+        "delete a topic with subscriptions without force",
+        a.delete_topic(v1::DeleteTopicRequest {
+            name: "t".into(),
+            force: false,
+        }),
+        Code::FailedPrecondition,
+        "has 1 subscription (s)"
     );
     row!(
         "sub on unknown topic",

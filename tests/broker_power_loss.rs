@@ -306,6 +306,7 @@ async fn power_cut_after_delete_keeps_it_deleted() {
     c.admin
         .delete_topic(v1::DeleteTopicRequest {
             name: "gone-topic".into(),
+            force: true,
         })
         .await
         .unwrap();

@@ -134,7 +134,10 @@ async fn deleted_topics_and_subscriptions_stay_deleted_and_ids_are_never_reused(
     c.create_sub("b-sub", "b").await;
     c.publish("b", &["for b"]).await;
     c.admin
-        .delete_topic(courier::api::pb::v1::DeleteTopicRequest { name: "a".into() })
+        .delete_topic(courier::api::pb::v1::DeleteTopicRequest {
+            name: "a".into(),
+            force: true,
+        })
         .await
         .unwrap();
     c.admin

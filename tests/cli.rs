@@ -187,3 +187,28 @@ fn a_server_that_accepts_and_never_answers_times_out_naming_it() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no answer from courier at"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_delete_keeps_a_topic_with_subscriptions_unless_forced_and_says_what_went() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    ok(&url, &["topic", "create", "orders"]);
+    ok(&url, &["sub", "create", "billing", "--topic", "orders"]);
+    ok(&url, &["publish", "orders", "unread"]);
+    let out = courier(&url, &["topic", "delete", "orders"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("FAILED_PRECONDITION: topic \"orders\" has 1 subscription (billing)"),
+        "{stderr}"
+    );
+    // Nothing was deleted.
+    ok(&url, &["sub", "stats", "billing"]);
+    let said = ok(&url, &["topic", "delete", "orders", "--force"]);
+    assert_eq!(
+        said.trim(),
+        "deleted topic \"orders\" and its subscriptions \"billing\""
+    );
+    let out = courier(&url, &["sub", "stats", "billing"]);
+    assert_eq!(out.status.code(), Some(1));
+}

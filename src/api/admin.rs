@@ -102,11 +102,14 @@ impl Admin for AdminService {
     ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
         let req = request.into_inner();
         name("name", &req.name)?;
-        self.broker
-            .delete_topic(&req.name)
+        let deleted_subscriptions = self
+            .broker
+            .delete_topic(&req.name, req.force)
             .await
             .map_err(status::to_status)?;
-        Ok(Response::new(v1::DeleteTopicResponse {}))
+        Ok(Response::new(v1::DeleteTopicResponse {
+            deleted_subscriptions,
+        }))
     }
 
     async fn create_subscription(

@@ -439,17 +439,23 @@ impl Broker {
         Ok(topic)
     }
 
-    /// Deletes a topic, its subscriptions and their files.
+    /// Deletes a topic and its files; with `force` also its subscriptions,
+    /// whose names it returns.
+    ///
+    /// # Errors
+    /// `FailedPrecondition` naming them if the topic has subscriptions and
+    /// `force` is false, or if it is another subscription's dead-letter
+    /// forward topic.
     ///
     /// # Cancel safety
     /// Runs in a task of its own: dropping the future does not stop the
     /// change half-way; it completes or fails as a whole.
-    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+    pub async fn delete_topic(&self, name: &str, force: bool) -> Result<Vec<String>> {
         let (this, name) = (self.clone(), name.to_string());
-        detached(async move { this.delete_topic_in_task(&name).await }).await
+        detached(async move { this.delete_topic_in_task(&name, force).await }).await
     }
 
-    async fn delete_topic_in_task(&self, name: &str) -> Result<()> {
+    async fn delete_topic_in_task(&self, name: &str, force: bool) -> Result<Vec<String>> {
         self.check_running()?;
         let _admin = self.inner.admin.lock().await;
         let topic = self.topic(name)?;
@@ -467,8 +473,25 @@ impl Broker {
                 "topic {name:?} is the dead-letter forward topic of subscription {first:?}; change that policy first"
             )));
         }
-        for sub in topic.subscriptions() {
-            self.delete_subscription_locked(&sub.name()).await?;
+        let mut subs: Vec<String> = topic.subscriptions().iter().map(|s| s.name()).collect();
+        subs.sort();
+        if !force && !subs.is_empty() {
+            const NAMED_MAX: usize = 5;
+            let mut named = subs[..subs.len().min(NAMED_MAX)].join(", ");
+            if subs.len() > NAMED_MAX {
+                named.push_str(&format!(" and {} more", subs.len() - NAMED_MAX));
+            }
+            return Err(BrokerError::FailedPrecondition(format!(
+                "topic {name:?} has {} subscription{} ({named}) with their unread messages; \
+                 delete them first or delete the topic with force",
+                subs.len(),
+                if subs.len() == 1 { "" } else { "s" }
+            )));
+        }
+        let mut deleted_subs = Vec::new();
+        for sub in subs {
+            self.delete_subscription_locked(&sub).await?;
+            deleted_subs.push(sub);
         }
         // Close the log's files, set the directory aside (`.deleting`),
         // then drop the definition: at every step a crash leaves either the
@@ -513,8 +536,12 @@ impl Broker {
         };
         self.inner.topics.write().remove(name);
         self.finish_removal(doomed).await;
-        tracing::info!(topic = name, "topic deleted");
-        Ok(())
+        tracing::info!(
+            topic = name,
+            subscriptions = deleted_subs.len(),
+            "topic deleted"
+        );
+        Ok(deleted_subs)
     }
 
     /// Removes a directory whose deletion is acknowledged. Where an open

@@ -66,10 +66,13 @@ pub enum TopicCommand {
     },
     /// List every topic, sorted by name.
     List,
-    /// Delete a topic with its messages and subscriptions.
+    /// Delete a topic with its messages (and, with --force, its subscriptions).
     Delete {
         /// Name of the topic.
         name: String,
+        /// Also delete its subscriptions, with their unread messages and dead letters.
+        #[arg(long)]
+        force: bool,
     },
     /// Show a topic's log statistics.
     Stats {
@@ -145,15 +148,30 @@ impl TopicArgs {
                     s.out.table(&["NAME", "RETENTION", "CREATED"], &rows)?;
                 }
             }
-            TopicCommand::Delete { name } => {
-                admin
-                    .delete_topic(DeleteTopicRequest { name: name.clone() })
+            TopicCommand::Delete { name, force } => {
+                let deleted = admin
+                    .delete_topic(DeleteTopicRequest {
+                        name: name.clone(),
+                        force,
+                    })
                     .await
-                    .map_err(|e| s.fail(format_args!("topic delete {name:?}"), e))?;
+                    .map_err(|e| s.fail(format_args!("topic delete {name:?}"), e))?
+                    .into_inner()
+                    .deleted_subscriptions;
                 if s.out.json() {
-                    s.out.json_line(&json!({"topic": name, "deleted": true}))?;
-                } else {
+                    s.out.json_line(&json!({
+                        "topic": name,
+                        "deleted": true,
+                        "deleted_subscriptions": deleted,
+                    }))?;
+                } else if deleted.is_empty() {
                     s.out.line(format_args!("deleted topic {name:?}"))?;
+                } else {
+                    let subs: Vec<String> = deleted.iter().map(|d| format!("{d:?}")).collect();
+                    s.out.line(format_args!(
+                        "deleted topic {name:?} and its subscriptions {}",
+                        subs.join(", ")
+                    ))?;
                 }
             }
             TopicCommand::Stats { name } => {

@@ -167,6 +167,7 @@ impl Ctx {
         for topic in topics {
             let request = DeleteTopicRequest {
                 name: topic.clone(),
+                force: true,
             };
             if let Err(status) = self.client(0).admin().delete_topic(request).await {
                 let line =
