@@ -69,8 +69,8 @@ impl FromStr for LogFormat {
 /// environment variable or the config file; flags win over both.
 #[derive(Args, Debug, Clone, Default, PartialEq)]
 pub struct ServeArgs {
-    /// Address to listen on, IP:PORT [env: COURIER_LISTEN] [default: 127.0.0.1:50051]
-    #[arg(long, value_name = "ADDR")]
+    /// Address to listen on, IP:PORT or HOST:PORT [env: COURIER_LISTEN] [default: 127.0.0.1:50051]
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub listen: Option<SocketAddr>,
 
     /// Directory holding all broker data [env: COURIER_DATA_DIR] [default: ./courier-data]
@@ -318,9 +318,25 @@ fn count(v: &str) -> Result<u64, String> {
     v.parse::<u64>().map_err(|e| format!("not a count: {e}"))
 }
 
+/// `IP:PORT`, or `HOST:PORT` with a host name that resolves here
+/// (`localhost:50051`): the first address it resolves to.
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    s.parse()
-        .map_err(|_| format!("bad listen address {s:?}: expected IP:PORT such as {DEFAULT_LISTEN}"))
+    use std::net::ToSocketAddrs as _;
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let bad = || format!("bad listen address {s:?}: expected IP:PORT such as {DEFAULT_LISTEN}");
+    // Only something shaped HOST:PORT is looked up.
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    let mut addrs = s
+        .to_socket_addrs()
+        .map_err(|e| format!("bad listen address {s:?}: cannot resolve {host:?} ({e})"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("bad listen address {s:?}: {host:?} resolves to no address"))
 }
 
 /// Merges the layers, highest precedence first, over the defaults
@@ -603,6 +619,20 @@ mod tests {
             }
         );
         assert_eq!(serve_args(&[]), ServeArgs::default());
+    }
+
+    #[test]
+    fn listen_addresses_may_name_a_host() {
+        assert_eq!(
+            parse_listen("127.0.0.1:9").unwrap(),
+            "127.0.0.1:9".parse::<SocketAddr>().unwrap()
+        );
+        let local = parse_listen("localhost:50070").unwrap();
+        assert!(local.ip().is_loopback(), "{local}");
+        assert_eq!(local.port(), 50070);
+        assert!(parse_listen("localhost").is_err());
+        assert!(parse_listen("localhost:http").is_err());
+        assert!(parse_listen(":80").is_err());
     }
 
     #[test]
