@@ -81,8 +81,12 @@ impl Conn {
 }
 
 /// Checks a broker URL: `http://HOST:PORT`. Without a scheme, `http://` is
-/// assumed (`127.0.0.1:50051`).
+/// assumed (`127.0.0.1:50051`). Empty means the default, so an empty
+/// `COURIER_SERVER` counts as unset, as empty `serve` variables do.
 pub fn server_url(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Ok(DEFAULT_SERVER.to_string());
+    }
     let url = if s.contains("://") {
         s.to_string()
     } else {
@@ -224,6 +228,7 @@ mod tests {
         assert!(server_url("https://h:1").is_err());
         assert!(server_url("not a url").is_err());
         assert!(server_url("http://").is_err());
+        assert_eq!(server_url("").as_deref(), Ok(DEFAULT_SERVER));
     }
 
     #[test]

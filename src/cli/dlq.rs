@@ -46,8 +46,9 @@ pub enum DlqCommand {
     List {
         /// Name of the subscription.
         subscription: String,
-        /// Most dead letters to list.
-        #[arg(long, value_name = "N", default_value_t = 100)]
+        /// Most dead letters to list, at least 1.
+        #[arg(long, value_name = "N", default_value_t = 100,
+              value_parser = clap::value_parser!(u64).range(1..))]
         max: u64,
     },
     /// Move dead letters back into the subscription for redelivery.

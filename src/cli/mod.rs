@@ -146,12 +146,26 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
             return ExitCode::SUCCESS;
         }
     }
-    eprintln!("error: {}", one_line(&format!("{error:#}")));
+    eprintln!("error: {}", one_line(&chain_text(&error)));
     if error.is::<UsageError>() {
         ExitCode::from(2)
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// An error and its causes joined with `: `, leaving out a cause whose
+/// text the one before it already contains (a storage error names its
+/// OS error and also has it as its source).
+fn chain_text(error: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !text.is_empty() && parts.last().is_none_or(|last| !last.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
 }
 
 /// Folds a message onto one line.
@@ -167,6 +181,16 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_cause_already_named_is_not_repeated() {
+        let io = std::io::Error::from_raw_os_error(2);
+        let storage = crate::storage::StorageError::io("/proc/nope", io);
+        let error = anyhow::Error::new(storage).context("cannot open data directory /proc/nope");
+        let text = chain_text(&error);
+        assert_eq!(text.matches("(os error 2)").count(), 1, "{text}");
+        assert!(text.starts_with("cannot open data directory /proc/nope: I/O error on /proc/nope"));
     }
 
     #[test]
@@ -193,6 +217,7 @@ mod tests {
             &["courier", "topic", "create"],
             &["courier", "publish", "t"],
             &["courier", "pull", "s", "--max", "0"],
+            &["courier", "dlq", "list", "s", "--max", "0"],
             &["courier", "pull", "s", "--max", "1001"],
             &["courier", "pull", "s", "--wait", "2m"],
             &["courier", "serve", "--fsync", "sometimes"],
