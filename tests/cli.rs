@@ -212,3 +212,44 @@ async fn topic_delete_keeps_a_topic_with_subscriptions_unless_forced_and_says_wh
     let out = courier(&url, &["sub", "stats", "billing"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_lines_publishes_every_line_when_its_reader_goes_away() {
+    use std::io::{BufRead as _, Write as _};
+    let server = TestServer::start().await;
+    let url = server.url();
+    ok(&url, &["topic", "create", "t"]);
+    const LINES: u64 = 20_000;
+    // `seq 1 20000 | courier publish t --lines | head -1`
+    let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["publish", "t", "--lines"])
+        .env("COURIER_SERVER", &url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        for i in 1..=LINES {
+            writeln!(stdin, "{i}").unwrap();
+        }
+    });
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first.trim(), "0");
+    // The reader is gone (stdout dropped here).
+    writer.join().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats = ok(&url, &["topic", "stats", "t", "--json"]);
+    let stats: serde_json::Value = serde_json::from_str(stats.trim()).unwrap();
+    assert_eq!(stats["next_offset"], LINES, "{stats}");
+}

@@ -40,6 +40,10 @@ impl std::error::Error for WriteError {}
 pub struct Output {
     json: bool,
     w: BufWriter<Stdout>,
+    /// See [`Output::finish_work_if_closed`].
+    finish_work: bool,
+    /// The reader went away; output since is dropped.
+    closed: bool,
 }
 
 impl Output {
@@ -48,6 +52,27 @@ impl Output {
         Output {
             json,
             w: BufWriter::new(io::stdout()),
+            finish_work: false,
+            closed: false,
+        }
+    }
+
+    /// For commands whose work must not stop half-way because nobody reads
+    /// their output (`publish --lines | head -1`): once stdout is closed,
+    /// output is dropped and writes succeed, so the command does all its
+    /// work and exits as it would have. Other commands stop at a closed
+    /// stdout (a `pull --ack` must not ack what it cannot show).
+    pub fn finish_work_if_closed(&mut self) {
+        self.finish_work = true;
+    }
+
+    fn wrote(&mut self, result: io::Result<()>) -> Result<(), WriteError> {
+        match result {
+            Err(e) if self.finish_work && e.kind() == io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            other => other.map_err(WriteError),
         }
     }
 
@@ -58,12 +83,20 @@ impl Output {
 
     /// One line of text.
     pub fn line(&mut self, text: impl fmt::Display) -> Result<(), WriteError> {
-        writeln!(self.w, "{text}").map_err(WriteError)
+        if self.closed {
+            return Ok(());
+        }
+        let result = writeln!(self.w, "{text}");
+        self.wrote(result)
     }
 
     /// One JSON object on its own line.
     pub fn json_line(&mut self, value: &Value) -> Result<(), WriteError> {
-        writeln!(self.w, "{value}").map_err(WriteError)
+        if self.closed {
+            return Ok(());
+        }
+        let result = writeln!(self.w, "{value}");
+        self.wrote(result)
     }
 
     /// An aligned table: a header row, then `rows`, columns separated by two
@@ -110,7 +143,11 @@ impl Output {
 
     /// Pushes buffered output to stdout.
     pub fn flush(&mut self) -> Result<(), WriteError> {
-        self.w.flush().map_err(WriteError)
+        if self.closed {
+            return Ok(());
+        }
+        let result = self.w.flush();
+        self.wrote(result)
     }
 }
 

@@ -79,6 +79,8 @@ impl PublishArgs {
             (None, None) => None,
         };
         let mut s = self.conn.open().await?;
+        // Every line is published even if nobody reads the ids.
+        s.out.finish_work_if_closed();
         match payload {
             Some(data) => {
                 let message = PublishMessage { data, ..template };
@@ -224,8 +226,9 @@ async fn publish_lines(
     }
     while let Some(done) = in_flight.pop_front() {
         if let Err(e) = finish(s, topic, done).await {
-            // A closed stdout ends everything; otherwise keep the first
-            // failure and still print the ids of later batches.
+            // Stdout failing (other than closed, see `Output`) ends
+            // everything; otherwise keep the first failure and still print
+            // the ids of later batches.
             if e.is::<WriteError>() {
                 return Err(e);
             }
