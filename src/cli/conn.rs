@@ -155,6 +155,24 @@ pub fn rpc_error_line(server: &str, what: &str, status: &Status) -> String {
             format!("cannot reach courier at {server}: {message}: {cause}")
         };
     }
+    // Other statuses with a source were made by the client's transport too:
+    // what the server said was not gRPC, or the connection broke.
+    if let Some(source) = status.source() {
+        let cause = error_chain(source);
+        let not_grpc = [
+            "h2 protocol error",
+            "http2 error",
+            "invalid HTTP",
+            "frame with invalid size",
+        ];
+        if not_grpc
+            .iter()
+            .any(|s| cause.contains(s) || status.message().contains(s))
+        {
+            return format!("{what}: the server at {server} does not speak gRPC (HTTP/2): {cause}");
+        }
+        return format!("{what}: connection to courier at {server} lost: {cause}");
+    }
     let message = status.message().trim();
     if message.is_empty() {
         format!("{what}: {}", code_name(status.code()))
@@ -229,6 +247,25 @@ mod tests {
         assert!(server_url("not a url").is_err());
         assert!(server_url("http://").is_err());
         assert_eq!(server_url("").as_deref(), Ok(DEFAULT_SERVER));
+    }
+
+    #[test]
+    fn a_server_that_is_not_grpc_and_a_lost_connection_are_named() {
+        let frame = std::io::Error::other("connection error detected: frame with invalid size");
+        let mut status = Status::unknown("h2 protocol error: http2 error");
+        status.set_source(std::sync::Arc::new(frame));
+        assert_eq!(
+            rpc_error_line(DEFAULT_SERVER, "topic list", &status),
+            "topic list: the server at http://127.0.0.1:50051 does not speak gRPC (HTTP/2): \
+             connection error detected: frame with invalid size"
+        );
+        let reset = std::io::Error::other("connection reset");
+        let mut status = Status::unknown("transport error");
+        status.set_source(std::sync::Arc::new(reset));
+        assert_eq!(
+            rpc_error_line(DEFAULT_SERVER, "pull \"s\"", &status),
+            "pull \"s\": connection to courier at http://127.0.0.1:50051 lost: connection reset"
+        );
     }
 
     #[test]
