@@ -89,7 +89,7 @@ async fn an_expired_deadline_redelivers_with_attempt_two() {
     let r = c.ack("s", ack_ids(&second)).await;
     assert_eq!(r[0].status, v1::AckStatus::Ok as i32);
     let r = c.ack("s", ack_ids(&second)).await;
-    assert_eq!(r[0].status, v1::AckStatus::Unknown as i32);
+    assert_eq!(r[0].status, v1::AckStatus::AlreadySettled as i32);
     let r = c.ack("s", vec!["garbage".into()]).await;
     assert_eq!(r[0].status, v1::AckStatus::Unknown as i32);
     server.stop().await;
@@ -376,7 +376,7 @@ async fn purge_acks_everything_published_so_far() {
     assert!(c.pull("s", 10, 200).await.is_empty());
     assert_eq!(
         c.ack("s", ack_ids(&leased)).await[0].status,
-        v1::AckStatus::Unknown as i32
+        v1::AckStatus::AlreadySettled as i32
     );
     c.publish("t", &["4"]).await;
     let got = c.pull_n("s", 1, Duration::from_secs(3)).await;

@@ -106,6 +106,7 @@ fn results(ids: Vec<String>, outcomes: Vec<AckOutcome>) -> Vec<v1::AckResult> {
                 AckOutcome::Ok => v1::AckStatus::Ok,
                 AckOutcome::Unknown => v1::AckStatus::Unknown,
                 AckOutcome::Stale => v1::AckStatus::Stale,
+                AckOutcome::AlreadySettled => v1::AckStatus::AlreadySettled,
             } as i32,
         })
         .collect()

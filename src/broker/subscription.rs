@@ -64,8 +64,11 @@ pub struct Delivery {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckOutcome {
     Ok,
-    /// Malformed, never delivered, or already settled.
+    /// Malformed, not issued by this subscription, or never delivered.
     Unknown,
+    /// Issued by this subscription for a message that is settled already
+    /// (acknowledged, dead-lettered, purged or removed by retention).
+    AlreadySettled,
     /// A newer delivery of the message exists; the operation was ignored.
     Stale,
 }
@@ -879,7 +882,10 @@ impl Subscription {
         if id.offset >= visible {
             return AckOutcome::Unknown;
         }
-        if core.state.settled.contains(id.offset) || id.offset >= core.cursor {
+        if core.state.settled.contains(id.offset) {
+            return AckOutcome::AlreadySettled;
+        }
+        if id.offset >= core.cursor {
             return AckOutcome::Unknown;
         }
         if core.dead_lettering.contains(&id.offset) {

@@ -249,6 +249,7 @@ pub fn ack_status_name(status: i32) -> String {
         Ok(AckStatus::Ok) => "ok".into(),
         Ok(AckStatus::Unknown) => "unknown".into(),
         Ok(AckStatus::Stale) => "stale".into(),
+        Ok(AckStatus::AlreadySettled) => "already settled (acknowledged or dead-lettered)".into(),
         Ok(AckStatus::Unspecified) => "unspecified".into(),
         Err(_) => format!("unknown({status})"),
     }
