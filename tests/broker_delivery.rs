@@ -161,20 +161,13 @@ async fn an_expired_lease_and_a_stream_that_ends_wait_for_the_retry_backoff_too(
     // Attempt 2 expires too (1–2 s of backoff), then goes to a stream
     // that ends with it leased: attempt 3 failed, so the backoff is the
     // 2 s maximum, at least 1 s with jitter.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(v1::StreamingPullRequest {
-        subscription: "s".into(),
-        stream_ack_deadline_ms: Some(60_000),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = c
-        .subscriber
-        .streaming_pull(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = c
+        .stream(v1::StreamingPullRequest {
+            subscription: "s".into(),
+            stream_ack_deadline_ms: Some(60_000),
+            ..Default::default()
+        })
+        .await;
     let got = loop {
         let r = stream.message().await.unwrap().unwrap();
         if !r.received_messages.is_empty() {
@@ -511,20 +504,13 @@ async fn an_attempts_exhausted_dead_letter_says_how_the_last_attempt_failed() {
     let first = c.pull_n("s", 1, Duration::from_secs(3)).await;
     assert_eq!(text(&first[0]), "expires");
     // The second goes to a stream that ends with it leased.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(v1::StreamingPullRequest {
-        subscription: "s".into(),
-        stream_ack_deadline_ms: Some(60_000),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = c
-        .subscriber
-        .streaming_pull(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = c
+        .stream(v1::StreamingPullRequest {
+            subscription: "s".into(),
+            stream_ack_deadline_ms: Some(60_000),
+            ..Default::default()
+        })
+        .await;
     loop {
         let r = stream.message().await.unwrap().unwrap();
         if !r.received_messages.is_empty() {

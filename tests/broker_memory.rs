@@ -12,7 +12,6 @@ use common::{Clients, TestServer, test_config};
 use courier::api::pb::v1;
 use courier::broker::memory::STREAM_QUEUED_BYTES_MAX;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -58,8 +57,7 @@ async fn silent_stream(
     mpsc::Sender<v1::StreamingPullRequest>,
     tonic::Streaming<v1::StreamingPullResponse>,
 ) {
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(v1::StreamingPullRequest {
+    c.stream(v1::StreamingPullRequest {
         subscription: sub.into(),
         max_outstanding_messages: Some(100_000),
         max_outstanding_bytes: Some(64 * 1024 * MIB),
@@ -67,14 +65,6 @@ async fn silent_stream(
         ..Default::default()
     })
     .await
-    .unwrap();
-    let stream = c
-        .subscriber
-        .streaming_pull(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    (tx, stream)
 }
 
 async fn broker_stats(c: &mut Clients) -> v1::BrokerStats {

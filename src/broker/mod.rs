@@ -22,6 +22,7 @@ pub mod dead_letter;
 pub mod error;
 pub mod memory;
 pub mod recovery;
+pub mod retry;
 pub mod subscription;
 pub mod topic;
 
@@ -621,8 +622,7 @@ impl Broker {
             self.check_message(i, m)?;
         }
         let topic = self.topic(topic)?;
-        let publish_bytes = messages.iter().map(|m| m.frame_len() as u64).sum();
-        topic.check_room(publish_bytes)?;
+        topic.check_room(&messages)?;
         Ok(topic.log.append(&messages).await?)
     }
 

@@ -13,7 +13,7 @@ use parking_lot::RwLock;
 use crate::broker::error::{BrokerError, Result};
 use crate::broker::subscription::Subscription;
 use crate::storage::meta::{RetentionMode, TopicDef};
-use crate::storage::{Log, Offset};
+use crate::storage::{Log, NewRecord, Offset};
 
 /// The broker's map of topics by name.
 pub(crate) type TopicMap = RwLock<HashMap<String, Arc<Topic>>>;
@@ -86,7 +86,7 @@ impl Topic {
         self.log.bytes_from(self.settled_floor())
     }
 
-    /// Whether a publish of `publish_bytes` (stored size) may go ahead:
+    /// Whether publishing `messages` may go ahead:
     /// under the reject-publish retention mode, not if it would take the
     /// backlog past `retention.max_bytes` (a batch larger than the bound
     /// never fits). Concurrent publishes are checked against the same
@@ -94,12 +94,14 @@ impl Topic {
     ///
     /// # Errors
     /// `TopicFull` naming the topic and its bound.
-    pub(crate) fn check_room(&self, publish_bytes: u64) -> Result<()> {
+    pub(crate) fn check_room(&self, messages: &[NewRecord]) -> Result<()> {
         let retention = self.def.retention;
         let (RetentionMode::RejectPublish, Some(max_bytes)) = (retention.mode, retention.max_bytes)
         else {
             return Ok(());
         };
+        // Stored size, computed only for topics that need it.
+        let publish_bytes: u64 = messages.iter().map(|m| m.frame_len() as u64).sum();
         // The backlog is part of the log: a log below the bound needs no
         // look at the subscriptions.
         if self.log.stats().disk_bytes + publish_bytes <= max_bytes {

@@ -18,6 +18,7 @@
 //! taken; eviction takes the ledger lock, then one chunk lock at a time.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
@@ -43,13 +44,13 @@ pub(crate) struct CacheChunk {
 #[derive(Debug)]
 pub struct CacheBudget {
     bytes_max: u64,
+    next_seq: AtomicU64,
     ledger: Mutex<Ledger>,
 }
 
 #[derive(Debug, Default)]
 struct Ledger {
     bytes: u64,
-    next_seq: u64,
     entries: VecDeque<LedgerEntry>,
 }
 
@@ -65,6 +66,7 @@ impl CacheBudget {
     pub fn new(bytes_max: u64) -> Arc<Self> {
         Arc::new(Self {
             bytes_max,
+            next_seq: AtomicU64::new(0),
             ledger: Mutex::new(Ledger::default()),
         })
     }
@@ -107,12 +109,7 @@ impl TailCache {
         if data.is_empty() || cost > self.budget.bytes_max {
             return;
         }
-        let seq = {
-            let mut ledger = self.budget.ledger.lock();
-            let seq = ledger.next_seq;
-            ledger.next_seq += 1;
-            seq
-        };
+        let seq = self.budget.next_seq.fetch_add(1, Ordering::Relaxed);
         self.chunks.write().push_back(CacheChunk {
             first,
             next,

@@ -149,6 +149,27 @@ impl Clients {
         self.admin.create_subscription(sub).await.unwrap();
     }
 
+    /// Opens a StreamingPull stream with `first` as its first request;
+    /// returns the request sender (dropping it half-closes the stream) and
+    /// the responses.
+    pub async fn stream(
+        &mut self,
+        first: v1::StreamingPullRequest,
+    ) -> (
+        tokio::sync::mpsc::Sender<v1::StreamingPullRequest>,
+        tonic::Streaming<v1::StreamingPullResponse>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(first).await.unwrap();
+        let responses = self
+            .subscriber
+            .streaming_pull(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        (tx, responses)
+    }
+
     /// Publishes text messages; returns their ids.
     pub async fn publish(&mut self, topic: &str, payloads: &[&str]) -> Vec<String> {
         let messages = payloads
