@@ -190,21 +190,23 @@ impl Client {
             .results)
     }
 
-    /// Nacks deliveries (1 to 1000 ack ids): `reject: None` gives them back
-    /// for redelivery after the retry backoff; `reject: Some(reason)` sends
-    /// them straight to the dead-letter queue with that reason text.
+    /// Nacks deliveries (1 to 1000 ack ids): without `reject` gives them
+    /// back for redelivery after the retry backoff (a non-empty `reason` is
+    /// kept as each message's last nack reason); with `reject` sends them
+    /// straight to the dead-letter queue with `reason` as the text.
     /// Returns one result per ack id, in order.
     pub async fn nack(
         &self,
         subscription: &str,
         ack_ids: Vec<String>,
-        reject: Option<String>,
+        reject: bool,
+        reason: &str,
     ) -> Result<Vec<AckResult>, Status> {
         let request = NackRequest {
             subscription: subscription.to_string(),
             ack_ids,
-            reject: reject.is_some(),
-            reason: reject.unwrap_or_default(),
+            reject,
+            reason: reason.to_string(),
         };
         Ok(self.subscriber().nack(request).await?.into_inner().results)
     }

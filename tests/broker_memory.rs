@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 
 const MIB: u64 = 1024 * 1024;
 
-/// 64 MiB budget, no tail cache: 16 MiB for appends, 48 MiB for queued
-/// deliveries.
+/// 64 MiB budget, no tail cache: 16 MiB for appends, 1 MiB for nack
+/// reasons, 47 MiB for queued deliveries.
 async fn server() -> TestServer {
     let tmp = tempfile::tempdir().unwrap();
     let mut config = test_config(tmp.path());
@@ -151,14 +151,14 @@ async fn silent_streams_together_stay_within_the_brokers_share_and_pull_waits_fo
     }
     c.create_sub("puller", "t").await;
     // Each subscription could queue its stream's 16 MiB: 96 MiB in all,
-    // twice the 48 MiB the budget gives queued deliveries.
+    // twice the 47 MiB the budget gives queued deliveries.
     publish_mib_messages(&mut c, "t", 40).await;
     let mut streams = Vec::new();
     for i in 0..STREAMS {
         let mut own = server.clients().await;
         streams.push(silent_stream(&mut own, &format!("s{i}")).await);
     }
-    let share = 48 * MIB;
+    let share = 47 * MIB;
     let mut probe = c.clone();
     let queued = settle(|| {
         let mut probe = probe.clone();
@@ -226,4 +226,63 @@ async fn tail_caches_of_many_topics_share_one_bound() {
     }
     let cached = broker_stats(&mut c).await.tail_cache_bytes;
     assert!(cached > 2 * MIB, "the cache is used: {cached} bytes");
+}
+
+#[tokio::test]
+async fn nack_reasons_stay_within_their_share_and_are_kept_again_once_settled() {
+    let server = server().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub_with(v1::Subscription {
+        name: "s".into(),
+        topic: "t".into(),
+        ack_deadline_ms: 600_000,
+        retry_policy: Some(v1::RetryPolicy {
+            min_backoff_ms: 600_000,
+            max_backoff_ms: 600_000,
+        }),
+        ..Default::default()
+    })
+    .await;
+    // 1,200 nacks of 1 KiB reasons: more than the 1 MiB share can keep.
+    const N: usize = 1_200;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(500) {
+        let payloads: Vec<String> = chunk.iter().map(|i| format!("m{i}")).collect();
+        let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+        c.publish("t", &refs).await;
+    }
+    let reason = "r".repeat(1024);
+    let got = c.pull_n("s", N, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), N);
+    for chunk in got.chunks(100) {
+        let results = c.nack_because("s", common::ack_ids(chunk), &reason).await;
+        assert!(results.iter().all(|r| r.status == v1::AckStatus::Ok as i32));
+    }
+    let kept = broker_stats(&mut c).await.nack_reason_bytes;
+    assert!(
+        kept <= MIB && kept > MIB / 2,
+        "nack reasons hold {kept} bytes; the share is 1 MiB"
+    );
+    let last = &got[N - 1].message.as_ref().unwrap().message_id;
+    assert_eq!(c.status_in("t", last, "s").await.last_nack_reason, "");
+    let first = &got[0].message.as_ref().unwrap().message_id;
+    assert_eq!(c.status_in("t", first, "s").await.last_nack_reason, reason);
+    // Settling gives the share back (at the next housekeeping pass at the
+    // latest), and reasons are kept again.
+    c.admin
+        .purge_subscription(v1::PurgeSubscriptionRequest { name: "s".into() })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while broker_stats(&mut c).await.nack_reason_bytes > 0 {
+        assert!(Instant::now() < deadline, "the share was not given back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ids = c.publish("t", &["again"]).await;
+    let again = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    c.nack_because("s", common::ack_ids(&again), "kept").await;
+    assert_eq!(
+        c.status_in("t", &ids[0], "s").await.last_nack_reason,
+        "kept"
+    );
 }

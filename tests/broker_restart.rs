@@ -417,3 +417,107 @@ async fn a_last_attempt_in_flight_at_restart_is_dead_lettered_not_delivered_agai
     assert_eq!(c.stats("s").await.backlog_messages, 0);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn nack_reasons_are_kept_per_message_across_a_restart_and_reach_the_dead_letter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(test_config(tmp.path())).await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub_with(v1::Subscription {
+        name: "s".into(),
+        topic: "t".into(),
+        ack_deadline_ms: 60_000,
+        retry_policy: Some(v1::RetryPolicy {
+            min_backoff_ms: 1,
+            max_backoff_ms: 1,
+        }),
+        dead_letter_policy: Some(v1::DeadLetterPolicy {
+            max_delivery_attempts: 3,
+            forward_topic: String::new(),
+        }),
+        ..Default::default()
+    })
+    .await;
+    let ids = c.publish("t", &["job"]).await;
+    let first = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    c.nack_because("s", ack_ids(&first), "billing timed out")
+        .await;
+    let status = c.status_in("t", &ids[0], "s").await;
+    assert_eq!(status.state, v1::MessageState::Pending as i32);
+    assert_eq!(
+        (status.last_nack_reason.as_str(), status.last_nack_attempt),
+        ("billing timed out", 1)
+    );
+    // A nack without a reason keeps the earlier one, with its attempt.
+    let second = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    assert_eq!(second[0].delivery_attempt, 2);
+    c.nack("s", ack_ids(&second), None).await;
+    server.stop().await;
+
+    let server = TestServer::start_with(test_config(tmp.path())).await;
+    let mut c = server.clients().await;
+    let status = c.status_in("t", &ids[0], "s").await;
+    assert_eq!(
+        (
+            status.delivery_attempt,
+            status.last_nack_reason.as_str(),
+            status.last_nack_attempt
+        ),
+        (2, "billing timed out", 1)
+    );
+    // The last attempt is nacked with a new reason: the dead letter has it.
+    let third = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    assert_eq!(third[0].delivery_attempt, 3);
+    c.nack_because("s", ack_ids(&third), "card declined").await;
+    let dls = c.dead_letters("s").await;
+    assert_eq!(dls.len(), 1);
+    assert_eq!(
+        (dls[0].last_nack_reason.as_str(), dls[0].last_nack_attempt),
+        ("card declined", 3)
+    );
+    assert_eq!(
+        dls[0].reason_text,
+        "3 delivery attempts failed; the last one was nacked: card declined"
+    );
+    let status = c.status_in("t", &ids[0], "s").await;
+    assert_eq!(status.state, v1::MessageState::DeadLettered as i32);
+    assert_eq!(status.last_nack_reason, "card declined");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_acked_message_keeps_no_nack_reason_or_attempt_count() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub_with(v1::Subscription {
+        name: "s".into(),
+        topic: "t".into(),
+        retry_policy: Some(v1::RetryPolicy {
+            min_backoff_ms: 1,
+            max_backoff_ms: 1,
+        }),
+        ..Default::default()
+    })
+    .await;
+    let ids = c.publish("t", &["job"]).await;
+    let first = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    c.nack_because("s", ack_ids(&first), "flaky").await;
+    let again = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    let status = c.status_in("t", &ids[0], "s").await;
+    assert_eq!(status.state, v1::MessageState::InFlight as i32);
+    assert_eq!((status.delivery_attempt, status.last_nack_attempt), (2, 1));
+    c.ack("s", ack_ids(&again)).await;
+    let status = c.status_in("t", &ids[0], "s").await;
+    assert_eq!(status.state, v1::MessageState::Acked as i32);
+    assert_eq!(
+        (
+            status.delivery_attempt,
+            status.last_nack_reason.as_str(),
+            status.last_nack_attempt
+        ),
+        (0, "", 0)
+    );
+    server.stop().await;
+}

@@ -13,6 +13,7 @@ use crate::broker::{
 };
 use crate::storage::Offset;
 use crate::storage::meta::Retention;
+use crate::storage::state::NackNote;
 
 /// Serves `courier.v1.Admin` over a [`Broker`].
 #[derive(Debug, Clone)]
@@ -38,6 +39,13 @@ fn parse_reason(field: &str, r: i32) -> Result<DeadLetterReason, Status> {
             field,
             format!("{r} is not a dead-letter reason"),
         )),
+    }
+}
+
+fn set_last_nack(out: &mut v1::SubscriptionMessageStatus, note: Option<NackNote>) {
+    if let Some(note) = note {
+        out.last_nack_reason = note.text;
+        out.last_nack_attempt = note.attempt;
     }
 }
 
@@ -317,28 +325,36 @@ impl Admin for AdminService {
                     MessageState::NotSubscribed => {
                         out.state = v1::MessageState::NotSubscribed as i32
                     }
-                    MessageState::Pending { attempts } => {
+                    MessageState::Pending {
+                        attempts,
+                        last_nack,
+                    } => {
                         out.state = v1::MessageState::Pending as i32;
                         out.delivery_attempt = attempts;
+                        set_last_nack(&mut out, last_nack);
                     }
                     MessageState::InFlight {
                         attempt,
                         deadline_us,
+                        last_nack,
                     } => {
                         out.state = v1::MessageState::InFlight as i32;
                         out.delivery_attempt = attempt;
                         out.lease_deadline = Some(convert::timestamp_us(deadline_us));
+                        set_last_nack(&mut out, last_nack);
                     }
                     MessageState::Acked => out.state = v1::MessageState::Acked as i32,
                     MessageState::DeadLettered {
                         reason,
                         reason_text,
                         attempts,
+                        last_nack,
                     } => {
                         out.state = v1::MessageState::DeadLettered as i32;
                         out.delivery_attempt = attempts;
                         out.dead_letter_reason = convert::reason(reason) as i32;
                         out.dead_letter_reason_text = reason_text;
+                        set_last_nack(&mut out, last_nack);
                     }
                 }
                 out
@@ -461,6 +477,7 @@ impl Admin for AdminService {
             tail_cache_bytes: s.memory.cache_bytes,
             pending_append_bytes: s.memory.appends_bytes,
             queued_delivery_bytes: s.memory.deliveries_bytes,
+            nack_reason_bytes: s.memory.notes_bytes,
         }))
     }
 }

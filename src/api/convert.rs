@@ -165,5 +165,11 @@ pub fn dead_letter(dl: &DeadLetter, subscription: &str) -> v1::DeadLetter {
         topic: dl.topic.clone(),
         subscription: subscription.to_string(),
         offset: dl.source_offset.0,
+        last_nack_reason: dl
+            .last_nack
+            .as_ref()
+            .map(|n| n.text.clone())
+            .unwrap_or_default(),
+        last_nack_attempt: dl.last_nack.as_ref().map_or(0, |n| n.attempt),
     }
 }

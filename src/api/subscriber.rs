@@ -26,7 +26,7 @@ use crate::broker::config::{
     STREAM_OUTSTANDING_MESSAGES_DEFAULT, STREAM_OUTSTANDING_MESSAGES_MAX,
 };
 use crate::broker::memory::{DeliveryQueue, DeliveryReservation, STREAM_QUEUED_BYTES_MAX};
-use crate::broker::subscription::{Leased, PULL_CONSUMER, frame_bytes};
+use crate::broker::subscription::{Leased, NackKind, PULL_CONSUMER, frame_bytes};
 use crate::broker::{AckId, AckOutcome, Broker, ConsumerId, LeaseLimits, Subscription};
 use crate::storage::AppendTicket;
 
@@ -312,8 +312,11 @@ impl Subscriber for SubscriberService {
         let sub = self.subscription(&req.subscription)?;
         let ids = check_ack_ids("ack_ids", &req.ack_ids)?;
         check_reason("reason", &req.reason)?;
-        let reject = req.reject.then_some(req.reason.as_str());
-        let outcomes = sub.nack(&ids, reject).await.map_err(status::to_status)?;
+        let how = NackKind {
+            reject: req.reject,
+            reason: &req.reason,
+        };
+        let outcomes = sub.nack(&ids, how).await.map_err(status::to_status)?;
         Ok(Response::new(v1::NackResponse {
             results: results(req.ack_ids, outcomes),
         }))
@@ -633,10 +636,13 @@ impl StreamTask {
         }
         for n in &req.nacks {
             check_reason("nacks.reason", &n.reason)?;
-            let reject = n.reject.then_some(n.reason.as_str());
+            let how = NackKind {
+                reject: n.reject,
+                reason: &n.reason,
+            };
             let outcomes = self
                 .sub
-                .nack(&[n.ack_id.parse().ok()], reject)
+                .nack(&[n.ack_id.parse().ok()], how)
                 .await
                 .map_err(status::to_status)?;
             ack_results.extend(results(vec![n.ack_id.clone()], outcomes));

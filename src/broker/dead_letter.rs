@@ -8,7 +8,10 @@
 //! message was dead-lettered. `meta` is little-endian:
 //! `reason: u8 | attempts: u32 | first_delivery_us: u64 |
 //! last_delivery_us: u64 | source_offset: u64 | publish_time_us: u64 |
-//! reason_text_len: u16 | reason_text | topic_len: u16 | topic`.
+//! reason_text_len: u16 | reason_text | topic_len: u16 | topic`, then, if
+//! a consumer gave a reason with a plain nack of it,
+//! `nack_attempt: u32 | nack_reason_len: u16 | nack_reason` (entries
+//! written before nack reasons were kept end at the topic).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,6 +20,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 
 use crate::storage::io::Fs;
+use crate::storage::state::NackNote;
 use crate::storage::{Log, LogConfig, Offset, Record, StorageError};
 
 /// A subscription's dead-letter log, opened on first use: most
@@ -135,6 +139,8 @@ pub struct DeadLetter {
     pub last_delivery_us: u64,
     pub dead_letter_us: u64,
     pub topic: String,
+    /// The last reason a consumer gave with a plain nack, and its attempt.
+    pub last_nack: Option<NackNote>,
     /// Offset of the message in its topic.
     pub source_offset: Offset,
     /// The original message: id, attributes, ordering key, payload and
@@ -151,6 +157,7 @@ pub struct DeadLetterMeta {
     pub first_delivery_us: u64,
     pub last_delivery_us: u64,
     pub topic: String,
+    pub last_nack: Option<NackNote>,
 }
 
 /// Builds the payload of a dead-letter record for `message`.
@@ -171,6 +178,12 @@ pub fn encode_payload(meta: &DeadLetterMeta, message: &Record) -> Bytes {
     m.put_slice(text.as_bytes());
     m.put_u16_le(topic.len() as u16);
     m.put_slice(topic.as_bytes());
+    if let Some(note) = &meta.last_nack {
+        let text = truncate_utf8(&note.text, u16::MAX as usize);
+        m.put_u32_le(note.attempt);
+        m.put_u16_le(text.len() as u16);
+        m.put_slice(text.as_bytes());
+    }
     let mut out = BytesMut::with_capacity(4 + m.len() + message.payload.len());
     out.put_u32_le(m.len() as u32);
     out.put_slice(&m);
@@ -220,10 +233,26 @@ pub fn decode(record: &Record) -> Option<DeadLetter> {
     }
     let reason_text = String::from_utf8(m.split_to(text_len).to_vec()).ok()?;
     let topic_len = m.get_u16_le() as usize;
-    if m.remaining() != topic_len {
+    if m.remaining() < topic_len {
         return None;
     }
-    let topic = String::from_utf8(m.to_vec()).ok()?;
+    let topic = String::from_utf8(m.split_to(topic_len).to_vec()).ok()?;
+    let last_nack = if m.has_remaining() {
+        if m.remaining() < 4 + 2 {
+            return None;
+        }
+        let attempt = m.get_u32_le();
+        let len = m.get_u16_le() as usize;
+        if m.remaining() != len {
+            return None;
+        }
+        Some(NackNote {
+            attempt,
+            text: String::from_utf8(m.to_vec()).ok()?,
+        })
+    } else {
+        None
+    };
     Some(DeadLetter {
         dlq_offset: record.offset,
         reason,
@@ -233,6 +262,7 @@ pub fn decode(record: &Record) -> Option<DeadLetter> {
         last_delivery_us,
         dead_letter_us: record.publish_time_us,
         topic,
+        last_nack,
         source_offset,
         message: Record {
             offset: source_offset,
@@ -272,18 +302,33 @@ mod tests {
             first_delivery_us: 10,
             last_delivery_us: 20,
             topic: "orders".into(),
+            last_nack: None,
         };
-        let stored = Record {
+        let stored = |meta: &DeadLetterMeta| Record {
             offset: Offset(0),
             publish_time_us: 30,
-            payload: encode_payload(&meta, &message),
+            payload: encode_payload(meta, &message),
             ..message.clone()
         };
-        let dl = decode(&stored).unwrap();
+        let dl = decode(&stored(&meta)).unwrap();
         assert_eq!(dl.reason, DeadLetterReason::Rejected);
         assert_eq!(dl.reason_text, "bad json");
         assert_eq!(dl.delivery_attempts, 3);
         assert_eq!(dl.dead_letter_us, 30);
+        assert_eq!(dl.topic, "orders");
+        assert_eq!(dl.last_nack, None);
+        assert_eq!(dl.message, message);
+
+        let note = NackNote {
+            attempt: 2,
+            text: "upstream 503".into(),
+        };
+        let with_note = DeadLetterMeta {
+            last_nack: Some(note.clone()),
+            ..meta
+        };
+        let dl = decode(&stored(&with_note)).unwrap();
+        assert_eq!(dl.last_nack, Some(note));
         assert_eq!(dl.topic, "orders");
         assert_eq!(dl.message, message);
     }

@@ -11,6 +11,10 @@
 //! - **pending appends** (a quarter of the budget): encoded batches of every
 //!   topic and dead-letter log waiting for their writer; a publish waits for
 //!   room (back pressure), it does not fail.
+//! - **nack reasons** (1/64 of the budget): the last reason a consumer
+//!   gave when it nacked a message, kept per unsettled message
+//!   ([`NoteLedger`]). When the share is full a nack's reason is not kept
+//!   (the nack itself works as ever).
 //! - **queued deliveries** (the rest, at least a quarter): messages leased
 //!   for Pull and StreamingPull responses and not yet handed to the
 //!   transport. A stream reserves the bytes of a batch before it reads the
@@ -28,7 +32,7 @@
 //! the operating system at the next housekeeping pass ([`trim`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -49,6 +53,7 @@ pub const MEMORY_BYTES_MIN: u64 = 64 * 1024 * 1024;
 pub struct MemoryShares {
     pub cache_bytes: u64,
     pub appends_bytes: u64,
+    pub notes_bytes: u64,
     pub deliveries_bytes: u64,
 }
 
@@ -81,7 +86,8 @@ impl MemoryShares {
             ));
         }
         let appends_bytes = total / 4;
-        let deliveries_bytes = total - config.tail_cache_bytes_max - appends_bytes;
+        let notes_bytes = total / 64;
+        let deliveries_bytes = total - config.tail_cache_bytes_max - appends_bytes - notes_bytes;
         let needed = 2 * (config.message_bytes_max as u64 + DELIVERY_RESPONSE_BYTES_MAX);
         if deliveries_bytes < needed {
             return Err(BrokerError::invalid(
@@ -96,8 +102,45 @@ impl MemoryShares {
         Ok(Self {
             cache_bytes: config.tail_cache_bytes_max,
             appends_bytes,
+            notes_bytes,
             deliveries_bytes,
         })
+    }
+}
+
+/// The broker-wide count of memory held by kept nack reasons, against its
+/// share. Each subscription reports its own total
+/// ([`NoteLedger::report`]); a new reason is kept only if it fits.
+#[derive(Debug, Clone)]
+pub struct NoteLedger {
+    max: u64,
+    used: Arc<AtomicU64>,
+}
+
+impl NoteLedger {
+    pub fn new(max: u64) -> Self {
+        Self {
+            max,
+            used: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// A subscription's notes went from `before` to `after` bytes.
+    pub fn report(&self, before: u64, after: u64) {
+        if after >= before {
+            self.used.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.used.fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `bytes` more fit in the share now.
+    pub fn has_room(&self, bytes: u64) -> bool {
+        self.used.load(Ordering::Relaxed).saturating_add(bytes) <= self.max
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
     }
 }
 
@@ -106,6 +149,7 @@ impl MemoryShares {
 pub struct MemoryBudget {
     shares: MemoryShares,
     logs: SharedMemory,
+    notes: NoteLedger,
     deliveries: Arc<Semaphore>,
     deliveries_permits: usize,
     trim_wanted: AtomicBool,
@@ -116,6 +160,7 @@ pub struct MemoryBudget {
 pub struct MemoryUse {
     pub cache_bytes: u64,
     pub appends_bytes: u64,
+    pub notes_bytes: u64,
     pub deliveries_bytes: u64,
 }
 
@@ -193,6 +238,7 @@ impl MemoryBudget {
         Ok(Self {
             shares,
             logs: SharedMemory::new(shares.appends_bytes, shares.cache_bytes),
+            notes: NoteLedger::new(shares.notes_bytes),
             deliveries: Arc::new(Semaphore::new(deliveries_permits)),
             deliveries_permits,
             trim_wanted: AtomicBool::new(false),
@@ -208,10 +254,16 @@ impl MemoryBudget {
         self.logs.clone()
     }
 
+    /// The ledger every subscription's nack reasons count against.
+    pub fn notes(&self) -> NoteLedger {
+        self.notes.clone()
+    }
+
     pub fn in_use(&self) -> MemoryUse {
         MemoryUse {
             cache_bytes: self.logs.cache.bytes(),
             appends_bytes: self.logs.appends_bytes() as u64,
+            notes_bytes: self.notes.used(),
             deliveries_bytes: (self.deliveries_permits - self.deliveries.available_permits())
                 as u64,
         }
@@ -294,13 +346,14 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_is_divided_between_caches_appends_and_deliveries() {
+    fn the_budget_is_divided_between_caches_appends_notes_and_deliveries() {
         let s = MemoryShares::of(&config(1 << 30, 256 << 20)).unwrap();
         assert_eq!(s.cache_bytes, 256 << 20);
         assert_eq!(s.appends_bytes, 256 << 20);
-        assert_eq!(s.deliveries_bytes, 512 << 20);
+        assert_eq!(s.notes_bytes, 16 << 20);
+        assert_eq!(s.deliveries_bytes, 496 << 20);
         assert_eq!(
-            s.cache_bytes + s.appends_bytes + s.deliveries_bytes,
+            s.cache_bytes + s.appends_bytes + s.notes_bytes + s.deliveries_bytes,
             1 << 30
         );
     }

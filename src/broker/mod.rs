@@ -53,7 +53,7 @@ use crate::storage::state::{StateEntry, StateJournal, SubscriptionState};
 use crate::storage::{Appended, Log, LogConfig, NewRecord, Offset, StorageError};
 
 use recovery::{DELETING_SUFFIX, KIND_SUBSCRIPTION, KIND_TOPIC};
-use subscription::now_us;
+use subscription::{SubscriptionEnv, now_us};
 use topic::TopicMap;
 
 const DIR_TOPICS: &str = "topics";
@@ -278,15 +278,13 @@ impl Broker {
         };
         let dlq = dead_letter::DeadLetterLog::new(dir, self.inner.fs.clone(), dlq_config);
         let name = def.name.clone();
-        let sub = Arc::new(Subscription::new(
-            def,
-            topic.clone(),
-            dlq,
-            self.inner.journal.clone(),
-            state,
-            self.inner.config.unacked_window_max,
-            self.inner.ack_key.clone(),
-        ));
+        let env = SubscriptionEnv {
+            journal: self.inner.journal.clone(),
+            window_max: self.inner.config.unacked_window_max,
+            ack_key: self.inner.ack_key.clone(),
+            notes: self.inner.memory.notes(),
+        };
+        let sub = Arc::new(Subscription::new(def, topic.clone(), dlq, state, env));
         topic.subs.write().push(sub.clone());
         self.inner.subs.write().insert(name, sub.clone());
         Ok(sub)

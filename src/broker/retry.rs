@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::storage::meta::RetryPolicy;
+use crate::storage::state::NackNote;
 
 /// How a delivery attempt failed, as an attempts-exhausted dead letter
 /// tells it.
@@ -27,6 +28,18 @@ pub(crate) fn exhausted_text(attempts: u32, last: Failure) -> String {
     };
     let plural = if attempts == 1 { "" } else { "s" };
     format!("{attempts} delivery attempt{plural} failed; the last one {how}")
+}
+
+/// `text` of an attempts-exhausted dead letter followed by the last reason
+/// a consumer gave, naming its attempt unless it was the last one's.
+pub(crate) fn with_nack_reason(text: String, attempts: u32, note: Option<&NackNote>) -> String {
+    match note {
+        None => text,
+        Some(note) if note.attempt == attempts && text.ends_with("was nacked") => {
+            format!("{text}: {}", note.text)
+        }
+        Some(note) => format!("{text}; attempt {} was nacked: {}", note.attempt, note.text),
+    }
 }
 
 /// How long a message waits before its next delivery after `attempts`
@@ -92,6 +105,28 @@ mod tests {
             Duration::ZERO,
             "no policy: at once"
         );
+    }
+
+    #[test]
+    fn exhausted_texts_carry_the_last_nack_reason_and_its_attempt() {
+        let note = |attempt: u32| NackNote {
+            attempt,
+            text: "billing timed out".into(),
+        };
+        let nacked = exhausted_text(3, Failure::Nacked);
+        assert_eq!(
+            with_nack_reason(nacked.clone(), 3, Some(&note(3))),
+            "3 delivery attempts failed; the last one was nacked: billing timed out"
+        );
+        assert_eq!(
+            with_nack_reason(nacked.clone(), 3, Some(&note(1))),
+            "3 delivery attempts failed; the last one was nacked; attempt 1 was nacked: billing timed out"
+        );
+        assert_eq!(
+            with_nack_reason(exhausted_text(2, Failure::Expired), 2, Some(&note(1))),
+            "2 delivery attempts failed; the last one expired (its ack deadline passed); attempt 1 was nacked: billing timed out"
+        );
+        assert_eq!(with_nack_reason(nacked.clone(), 3, None), nacked);
     }
 
     #[test]

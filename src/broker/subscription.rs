@@ -22,7 +22,7 @@ use std::collections::BTreeSet;
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
@@ -33,10 +33,13 @@ use crate::broker::dead_letter::{
     self, DeadLetter, DeadLetterLog, DeadLetterMeta, DeadLetterReason,
 };
 use crate::broker::error::{BrokerError, Result};
-use crate::broker::retry::{Failure, exhausted_text, retry_delay};
+use crate::broker::memory::NoteLedger;
+use crate::broker::retry::{Failure, exhausted_text, retry_delay, with_nack_reason};
 use crate::broker::topic::Topic;
 use crate::storage::meta::{RetryPolicy, SubscriptionDef};
-use crate::storage::state::{StateEntry, StateJournal, SubscriptionState};
+use crate::storage::state::{
+    NACK_NOTE_OVERHEAD_BYTES, NackNote, StateEntry, StateJournal, SubscriptionState,
+};
 use crate::storage::{AppendTicket, Log, NewRecord, Offset, ReadLimits, Record, StorageError};
 
 /// Identifies the consumer holding a lease: a StreamingPull stream, or
@@ -156,16 +159,19 @@ pub enum MessageState {
     NotSubscribed,
     Pending {
         attempts: u32,
+        last_nack: Option<NackNote>,
     },
     InFlight {
         attempt: u32,
         deadline_us: u64,
+        last_nack: Option<NackNote>,
     },
     Acked,
     DeadLettered {
         reason: DeadLetterReason,
         reason_text: String,
         attempts: u32,
+        last_nack: Option<NackNote>,
     },
 }
 
@@ -231,6 +237,31 @@ pub struct Subscription {
     /// Held by redrive and purge, so two of them never pick the same dead
     /// letters.
     pub(crate) dead_letter_ops: tokio::sync::Mutex<()>,
+    /// The broker-wide count the nack notes are kept against, and this
+    /// subscription's share of it as last reported.
+    notes: NoteLedger,
+    notes_reported: AtomicU64,
+    /// Set while nack reasons are not kept for want of room (warned once).
+    notes_full: AtomicBool,
+}
+
+/// What every subscription of a broker shares.
+#[derive(Debug, Clone)]
+pub struct SubscriptionEnv {
+    pub journal: StateJournal,
+    /// Most offsets past the ack floor that may be read for delivery.
+    pub window_max: u64,
+    pub ack_key: AckKey,
+    pub notes: NoteLedger,
+}
+
+/// How a consumer gave a message back.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NackKind<'a> {
+    /// Non-retriable: dead-letter it now, with `reason` as the text.
+    pub reject: bool,
+    /// The consumer's reason; kept per message for a plain nack.
+    pub reason: &'a str,
 }
 
 pub(crate) fn now_us() -> u64 {
@@ -360,10 +391,8 @@ impl Subscription {
         def: SubscriptionDef,
         topic: Arc<Topic>,
         dlq: DeadLetterLog,
-        journal: StateJournal,
         state: SubscriptionState,
-        window_max: u64,
-        ack_key: AckKey,
+        env: SubscriptionEnv,
     ) -> Self {
         let cursor = state.settled.floor();
         // Messages whose last allowed attempt was delivered before the
@@ -383,12 +412,14 @@ impl Subscription {
                 not_before: now,
             })
             .collect();
+        let notes_reported = state.nack_note_bytes();
+        env.notes.report(0, notes_reported);
         Self {
             id: def.id,
             def: RwLock::new(def),
             topic,
             dlq,
-            journal,
+            journal: env.journal,
             core: Mutex::new(Core {
                 state,
                 cursor,
@@ -402,10 +433,56 @@ impl Subscription {
             }),
             wake: Notify::new(),
             deleted: AtomicBool::new(false),
-            window_max,
-            ack_key,
+            window_max: env.window_max,
+            ack_key: env.ack_key,
             dead_letter_ops: tokio::sync::Mutex::new(()),
+            notes: env.notes,
+            notes_reported: AtomicU64::new(notes_reported),
+            notes_full: AtomicBool::new(false),
         }
+    }
+
+    /// Brings the broker-wide count of nack notes up to date with this
+    /// subscription's (which settling, purging and retention lower).
+    fn report_notes(&self, core: &Core) {
+        let now = core.state.nack_note_bytes();
+        let before = self.notes_reported.swap(now, Ordering::Relaxed);
+        self.notes.report(before, now);
+    }
+
+    /// Keeps `reason` as the last nack reason of the delivery `attempt` at
+    /// `offset`, if the broker's share for them has room; returns the
+    /// entry to journal.
+    fn note_nack(
+        &self,
+        core: &mut Core,
+        offset: u64,
+        attempt: u32,
+        reason: &str,
+    ) -> Option<StateEntry> {
+        if reason.is_empty() {
+            return None;
+        }
+        self.report_notes(core);
+        let cost = reason.len() as u64 + NACK_NOTE_OVERHEAD_BYTES;
+        let freed = core.state.nack_note(offset).map_or(0, NackNote::cost);
+        if !self.notes.has_room(cost.saturating_sub(freed)) {
+            if !self.notes_full.swap(true, Ordering::Relaxed) {
+                tracing::warn!(subscription = %self.name(), "nack reasons are not being kept: their share of the memory budget (1/64 of memory_max) is full until messages with kept reasons are settled");
+            }
+            return None;
+        }
+        if self.notes_full.swap(false, Ordering::Relaxed) {
+            tracing::info!(subscription = %self.name(), "nack reasons are kept again");
+        }
+        let entry = StateEntry::Nacked {
+            offset,
+            attempt,
+            text: reason.to_string(),
+        };
+        core.state.apply(&entry);
+        self.report_notes(core);
+        Some(entry)
     }
 
     /// The subscription's definition.
@@ -913,7 +990,7 @@ impl Subscription {
         deadline: Duration,
     ) -> Result<Vec<AckOutcome>> {
         if deadline.is_zero() {
-            return self.nack(ids, None).await;
+            return self.nack(ids, NackKind::default()).await;
         }
         let visible = self.topic.log.next_offset().0;
         let mut core = self.core.lock();
@@ -960,7 +1037,7 @@ impl Subscription {
     pub async fn nack(
         self: &Arc<Self>,
         ids: &[Option<AckId>],
-        reject: Option<&str>,
+        how: NackKind<'_>,
     ) -> Result<Vec<AckOutcome>> {
         let def = self.def();
         let mut to_dead_letter = Vec::new();
@@ -968,7 +1045,9 @@ impl Subscription {
             let visible = self.topic.log.next_offset().0;
             let mut core = self.core.lock();
             let now = Instant::now();
-            ids.iter()
+            let mut notes = Vec::new();
+            let outcomes = ids
+                .iter()
                 .map(|id| {
                     let Some(id) = id else {
                         return AckOutcome::Unknown;
@@ -982,14 +1061,17 @@ impl Subscription {
                         core.ready.remove(&(at, id.offset));
                     }
                     let attempts = core.attempts(id.offset);
-                    if let Some(text) = reject {
+                    if how.reject {
                         core.dead_lettering.insert(id.offset);
                         to_dead_letter.push((
                             id.offset,
                             DeadLetterReason::Rejected,
-                            text.to_string(),
+                            how.reason.to_string(),
                         ));
-                    } else if def
+                        return AckOutcome::Ok;
+                    }
+                    notes.extend(self.note_nack(&mut core, id.offset, attempts, how.reason));
+                    if def
                         .dead_letter
                         .as_ref()
                         .is_some_and(|p| attempts >= p.max_delivery_attempts)
@@ -1008,7 +1090,17 @@ impl Subscription {
                     }
                     AckOutcome::Ok
                 })
-                .collect()
+                .collect();
+            if !notes.is_empty() {
+                // Kept for the status and the dead letter; they need not
+                // hold up the nack, so they share a later sync. A journal
+                // that cannot take them loses them at the next restart
+                // only: the nacks themselves are done.
+                if let Err(e) = self.journal.enqueue_deferred(self.id(), &notes) {
+                    tracing::warn!(subscription = %def.name, error = %e, "nack reasons not journaled");
+                }
+            }
+            outcomes
         };
         self.wake.notify_waiters();
         if !to_dead_letter.is_empty() {
@@ -1130,6 +1222,7 @@ impl Subscription {
                     .partition(|d| d.not_before <= now);
             core.dead_letter_due = later;
             to_dead_letter.extend(due.into_iter().map(|d| (d.offset, d.reason, d.text)));
+            self.report_notes(&core);
             core.ready.first().is_some_and(|(at, _)| *at <= now)
         };
         if wake {
@@ -1155,7 +1248,11 @@ impl Subscription {
         // What to try again if the dead-letter log cannot take them.
         let mut retry = Vec::new();
         for (offset, reason, text) in items {
-            let attempts = self.core.lock().state.attempts.get(&offset).copied();
+            let (attempts, last_nack) = {
+                let core = self.core.lock();
+                let attempts = core.state.attempts.get(&offset).copied();
+                (attempts, core.state.nack_note(offset).cloned())
+            };
             if offset >= self.topic.log.next_offset().0 {
                 // A lease that expired before its record was durable:
                 // retry the delivery instead.
@@ -1191,13 +1288,21 @@ impl Subscription {
                 text: text.clone(),
                 not_before: Instant::now() + DEAD_LETTER_RETRY_AFTER,
             });
+            let reason_text = match reason {
+                DeadLetterReason::AttemptsExhausted => {
+                    let count = attempts.map_or(0, |a| a.count);
+                    with_nack_reason(text, count, last_nack.as_ref())
+                }
+                DeadLetterReason::Rejected => text,
+            };
             let meta = DeadLetterMeta {
                 reason,
-                reason_text: text,
+                reason_text,
                 delivery_attempts: attempts.map_or(0, |a| a.count),
                 first_delivery_us: attempts.map_or(0, |a| a.first_delivery_us),
                 last_delivery_us: attempts.map_or(0, |a| a.last_delivery_us),
                 topic: def.topic.clone(),
+                last_nack,
             };
             records.push(NewRecord {
                 message_id: Some(message.message_id),
@@ -1400,14 +1505,17 @@ impl Subscription {
 
     /// In flight or pending, if the record at `offset` is unsettled.
     fn unsettled_state(core: &Core, offset: u64) -> Option<MessageState> {
+        let last_nack = core.state.nack_note(offset).cloned();
         if let Some(lease) = core.leases.get(&offset) {
             return Some(MessageState::InFlight {
                 attempt: lease.attempt,
                 deadline_us: instant_to_unix_us(lease.deadline),
+                last_nack,
             });
         }
         (!core.state.settled.contains(offset)).then(|| MessageState::Pending {
             attempts: core.attempts(offset),
+            last_nack,
         })
     }
 
@@ -1432,6 +1540,7 @@ impl Subscription {
                     reason: dl.reason,
                     reason_text: dl.reason_text,
                     attempts: dl.delivery_attempts,
+                    last_nack: dl.last_nack,
                 });
             }
             match next {

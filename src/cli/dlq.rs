@@ -182,6 +182,15 @@ pub fn dead_letter_json(dl: &DeadLetter) -> Value {
     obj.insert("reason".into(), json!(reason_name(dl.reason)));
     obj.insert("reason_text".into(), json!(dl.reason_text));
     obj.insert("delivery_attempts".into(), json!(dl.delivery_attempts));
+    let nacked = !dl.last_nack_reason.is_empty();
+    obj.insert(
+        "last_nack_reason".into(),
+        json!(nacked.then_some(&dl.last_nack_reason)),
+    );
+    obj.insert(
+        "last_nack_attempt".into(),
+        json!(nacked.then_some(dl.last_nack_attempt)),
+    );
     obj.insert(
         "first_delivery_time".into(),
         time_json(&dl.first_delivery_time),
@@ -210,6 +219,14 @@ fn dead_letter_fields(dl: &DeadLetter) -> Vec<(&'static str, String)> {
             },
         ),
         ("delivery_attempts", dl.delivery_attempts.to_string()),
+        (
+            "last_nack_reason",
+            if dl.last_nack_reason.is_empty() {
+                "-".into()
+            } else {
+                format!("{} (attempt {})", dl.last_nack_reason, dl.last_nack_attempt)
+            },
+        ),
         ("first_delivery_time", time_human(&dl.first_delivery_time)),
         ("last_delivery_time", time_human(&dl.last_delivery_time)),
         ("dead_letter_time", time_human(&dl.dead_letter_time)),

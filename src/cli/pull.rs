@@ -56,8 +56,10 @@ pub struct NackArgs {
     /// redelivering them.
     #[arg(long)]
     pub reject: bool,
-    /// Why they are rejected (stored with the dead letters).
-    #[arg(long, value_name = "TEXT", requires = "reject")]
+    /// Why, at most 1024 bytes: with --reject, the dead letters' reason
+    /// text; otherwise kept as each message's last nack reason (shown by
+    /// `courier status` and in its dead letter if its attempts run out).
+    #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
 }
 
@@ -144,12 +146,12 @@ impl NackArgs {
     pub async fn run(self) -> anyhow::Result<()> {
         let mut s = self.conn.open().await?;
         let what = format!("nack {:?}", self.subscription);
-        let reject = self.reject.then(|| self.reason.clone().unwrap_or_default());
+        let reason = self.reason.as_deref().unwrap_or_default();
         let mut results = Vec::new();
         for chunk in self.ack_ids.chunks(ACK_IDS_PER_REQUEST_MAX) {
             let r = s
                 .client
-                .nack(&self.subscription, chunk.to_vec(), reject.clone())
+                .nack(&self.subscription, chunk.to_vec(), self.reject, reason)
                 .await
                 .map_err(|e| s.fail(&what, e))?;
             results.extend(r);
@@ -260,15 +262,16 @@ mod tests {
         };
         assert!(n.reject);
         assert_eq!(n.reason.as_deref(), Some("bad"));
+        let Ok(Command::Nack(n)) = parse(&["nack", "s", "a1", "--reason", "timeout"]) else {
+            panic!()
+        };
+        assert!(!n.reject);
+        assert_eq!(n.reason.as_deref(), Some("timeout"));
         let Ok(Command::Modack(m)) = parse(&["modack", "s", "--deadline", "1m", "a1"]) else {
             panic!()
         };
         assert_eq!(m.deadline, 60_000);
-        for argv in [
-            &["ack", "s"][..],
-            &["nack", "s", "a1", "--reason", "bad"],
-            &["modack", "s", "a1"],
-        ] {
+        for argv in [&["ack", "s"][..], &["nack", "s"], &["modack", "s", "a1"]] {
             assert_eq!(parse(argv).unwrap_err().exit_code(), 2, "{argv:?}");
         }
     }

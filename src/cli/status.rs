@@ -88,10 +88,22 @@ pub fn status_json(topic: &str, status: &MessageStatus) -> Value {
         .iter()
         .map(|sub| {
             let dead = sub.state == MessageState::DeadLettered as i32;
+            // Attempts are not kept once a message is acked: say nothing
+            // rather than 0.
+            let counted = [
+                MessageState::Pending,
+                MessageState::InFlight,
+                MessageState::DeadLettered,
+            ]
+            .map(|s| s as i32)
+            .contains(&sub.state);
+            let nacked = !sub.last_nack_reason.is_empty();
             json!({
                 "subscription": sub.subscription,
                 "state": state_name(sub.state),
-                "delivery_attempt": sub.delivery_attempt,
+                "delivery_attempt": counted.then_some(sub.delivery_attempt),
+                "last_nack_reason": nacked.then(|| sub.last_nack_reason.clone()),
+                "last_nack_attempt": nacked.then_some(sub.last_nack_attempt),
                 "lease_deadline": time_json(&sub.lease_deadline),
                 "dead_letter_reason": dead.then(|| reason_name(sub.dead_letter_reason)),
                 "dead_letter_reason_text": dead.then(|| sub.dead_letter_reason_text.clone()),
@@ -111,6 +123,25 @@ fn state_human(state: i32) -> String {
 }
 
 fn detail_human(sub: &SubscriptionMessageStatus) -> String {
+    let detail = state_detail(sub);
+    if sub.last_nack_reason.is_empty()
+        || sub.state == MessageState::DeadLettered as i32
+            && sub.dead_letter_reason_text.contains(&sub.last_nack_reason)
+    {
+        return detail;
+    }
+    let nacked = format!(
+        "attempt {} nacked: {}",
+        sub.last_nack_attempt, sub.last_nack_reason
+    );
+    if detail == "-" {
+        nacked
+    } else {
+        format!("{detail}; {nacked}")
+    }
+}
+
+fn state_detail(sub: &SubscriptionMessageStatus) -> String {
     let attempts = |n: u32| count(u64::from(n), "attempt");
     match MessageState::try_from(sub.state) {
         Ok(MessageState::InFlight) => format!(
@@ -127,9 +158,6 @@ fn detail_human(sub: &SubscriptionMessageStatus) -> String {
         }
         Ok(MessageState::Pending) if sub.delivery_attempt > 0 => {
             format!("redelivery after {}", attempts(sub.delivery_attempt))
-        }
-        Ok(MessageState::Acked) if sub.delivery_attempt > 0 => {
-            format!("after {}", attempts(sub.delivery_attempt))
         }
         _ => "-".into(),
     }
@@ -159,6 +187,7 @@ impl StatsArgs {
                 "tail_cache_bytes": st.tail_cache_bytes,
                 "pending_append_bytes": st.pending_append_bytes,
                 "queued_delivery_bytes": st.queued_delivery_bytes,
+                "nack_reason_bytes": st.nack_reason_bytes,
             }))?;
         } else {
             // Whole seconds read better than humantime's ms/us/ns tail.
@@ -174,11 +203,12 @@ impl StatsArgs {
                 (
                     "memory_budget",
                     format!(
-                        "{} (tail caches {}, pending appends {}, queued deliveries {})",
+                        "{} (tail caches {}, pending appends {}, queued deliveries {}, nack reasons {})",
                         bytes_human(st.memory_max_bytes),
                         bytes_human(st.tail_cache_bytes),
                         bytes_human(st.pending_append_bytes),
-                        bytes_human(st.queued_delivery_bytes)
+                        bytes_human(st.queued_delivery_bytes),
+                        bytes_human(st.nack_reason_bytes)
                     ),
                 ),
             ])?;
@@ -202,6 +232,7 @@ mod tests {
             lease_deadline: None,
             dead_letter_reason: DeadLetterReason::Rejected as i32,
             dead_letter_reason_text: "bad".into(),
+            ..SubscriptionMessageStatus::default()
         };
         assert_eq!(detail_human(&sub(MessageState::Pending, 0)), "-");
         assert_eq!(detail_human(&sub(MessageState::NotSubscribed, 0)), "-");
@@ -216,6 +247,36 @@ mod tests {
         assert_eq!(
             state_human(MessageState::NotSubscribed as i32),
             "not subscribed"
+        );
+        let nacked = SubscriptionMessageStatus {
+            last_nack_reason: "upstream 503".into(),
+            last_nack_attempt: 1,
+            ..sub(MessageState::Pending, 1)
+        };
+        assert_eq!(
+            detail_human(&nacked),
+            "redelivery after 1 attempt; attempt 1 nacked: upstream 503"
+        );
+        let in_flight = SubscriptionMessageStatus {
+            state: MessageState::InFlight as i32,
+            delivery_attempt: 2,
+            ..nacked.clone()
+        };
+        assert_eq!(
+            detail_human(&in_flight),
+            "attempt 2, lease until -; attempt 1 nacked: upstream 503"
+        );
+        // A dead letter whose text already carries the reason says it once.
+        let dead = SubscriptionMessageStatus {
+            state: MessageState::DeadLettered as i32,
+            dead_letter_reason: DeadLetterReason::AttemptsExhausted as i32,
+            dead_letter_reason_text:
+                "1 delivery attempt failed; the last one was nacked: upstream 503".into(),
+            ..nacked
+        };
+        assert_eq!(
+            detail_human(&dead),
+            "attempts-exhausted: 1 delivery attempt failed; the last one was nacked: upstream 503 (after 1 attempt)"
         );
     }
 
@@ -233,6 +294,8 @@ mod tests {
         };
         let v = status_json("t", &status);
         assert_eq!(v["subscriptions"][0]["state"], "acked");
+        assert_eq!(v["subscriptions"][0]["delivery_attempt"], Value::Null);
+        assert_eq!(v["subscriptions"][0]["last_nack_reason"], Value::Null);
         assert_eq!(v["subscriptions"][0]["dead_letter_reason"], Value::Null);
         assert_eq!(v["topic"], "t");
     }

@@ -1,6 +1,7 @@
 //! Durable subscription state: ack floors, acked ranges, delivery attempts,
-//! dead-letter removals and the count of messages lost to retention, kept
-//! in one broker-wide state journal.
+//! the last reason a consumer gave when it nacked a message, dead-letter
+//! removals and the count of messages lost to retention, kept in one
+//! broker-wide state journal.
 //!
 //! The journal is a [`Log`] whose records each carry a batch of
 //! [`StateEntry`] values for one subscription. Writers enqueue entries in
@@ -37,6 +38,26 @@ pub struct Attempts {
     pub first_delivery_us: u64,
     pub last_delivery_us: u64,
 }
+
+/// The last reason a consumer gave when it nacked a delivered, unsettled
+/// message (a plain nack: a rejection's reason goes into its dead letter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NackNote {
+    /// The delivery attempt that was nacked with this reason.
+    pub attempt: u32,
+    pub text: String,
+}
+
+impl NackNote {
+    /// Memory one note is counted as: its text and the map entry around it.
+    pub fn cost(&self) -> u64 {
+        self.text.len() as u64 + NACK_NOTE_OVERHEAD_BYTES
+    }
+}
+
+/// What a kept [`NackNote`] costs beyond its text (key, attempt, string
+/// header and the map's node), as counted against the broker's budget.
+pub const NACK_NOTE_OVERHEAD_BYTES: u64 = 64;
 
 /// A set of offsets as disjoint half-open ranges, with a floor below which
 /// every offset is in the set.
@@ -184,6 +205,10 @@ pub struct SubscriptionState {
     pub settled: RangeSet,
     /// Attempt history of delivered, unsettled messages.
     pub attempts: BTreeMap<u64, Attempts>,
+    /// The last nack reason of delivered, unsettled messages that have one.
+    nack_notes: BTreeMap<u64, NackNote>,
+    /// Sum of the notes' [`NackNote::cost`].
+    nack_note_bytes: u64,
     /// Offsets of the subscription's dead-letter log that were removed
     /// (redriven or purged).
     pub dlq_removed: RangeSet,
@@ -222,6 +247,13 @@ pub enum StateEntry {
     DlqRemoved { ranges: Vec<(u64, u64)> },
     /// Attempt history of `offset` is forgotten (a redrive reset).
     ResetAttempts { offset: u64 },
+    /// The delivery `attempt` of the message at `offset` was nacked with
+    /// reason `text` (kept until the message is settled).
+    Nacked {
+        offset: u64,
+        attempt: u32,
+        text: String,
+    },
     /// The subscription's full state, replacing what came before.
     Snapshot(Box<SubscriptionState>),
     /// The subscription was deleted.
@@ -243,12 +275,34 @@ impl SubscriptionState {
     pub fn truncate_at(&mut self, end: Offset) {
         self.settled.truncate_at(end.0);
         self.attempts.split_off(&end.0);
+        let gone = self.nack_notes.split_off(&end.0);
+        self.nack_note_bytes -= gone.values().map(NackNote::cost).sum::<u64>();
     }
 
     fn raise_floor(&mut self, floor: u64) {
         self.settled.raise_floor(floor);
         let floor = self.settled.floor();
         self.attempts = self.attempts.split_off(&floor);
+        let kept = self.nack_notes.split_off(&floor);
+        self.nack_note_bytes -= self.nack_notes.values().map(NackNote::cost).sum::<u64>();
+        self.nack_notes = kept;
+    }
+
+    /// The last nack reason of the message at `offset`, if it has one and
+    /// is unsettled.
+    pub fn nack_note(&self, offset: u64) -> Option<&NackNote> {
+        self.nack_notes.get(&offset)
+    }
+
+    /// Memory the kept nack notes are counted as ([`NackNote::cost`]).
+    pub fn nack_note_bytes(&self) -> u64 {
+        self.nack_note_bytes
+    }
+
+    fn forget_note(&mut self, offset: u64) {
+        if let Some(note) = self.nack_notes.remove(&offset) {
+            self.nack_note_bytes -= note.cost();
+        }
     }
 
     /// Applies one entry (used by replay and by the broker alike).
@@ -260,6 +314,10 @@ impl SubscriptionState {
                     let doomed: Vec<u64> = self.attempts.range(s..e).map(|(o, _)| *o).collect();
                     for o in doomed {
                         self.attempts.remove(&o);
+                    }
+                    let doomed: Vec<u64> = self.nack_notes.range(s..e).map(|(o, _)| *o).collect();
+                    for o in doomed {
+                        self.forget_note(o);
                     }
                 }
             }
@@ -303,6 +361,20 @@ impl SubscriptionState {
             }
             StateEntry::ResetAttempts { offset } => {
                 self.attempts.remove(offset);
+                self.forget_note(*offset);
+            }
+            StateEntry::Nacked {
+                offset,
+                attempt,
+                text,
+            } => {
+                self.forget_note(*offset);
+                let note = NackNote {
+                    attempt: *attempt,
+                    text: text.clone(),
+                };
+                self.nack_note_bytes += note.cost();
+                self.nack_notes.insert(*offset, note);
             }
             StateEntry::Snapshot(state) => *self = (**state).clone(),
             StateEntry::Dropped => *self = SubscriptionState::default(),
@@ -322,6 +394,11 @@ const TAG_RETENTION_DROPPED: u8 = 9;
 /// A snapshot followed by `dropped_by_retention`. Journals written before
 /// that counter existed hold `TAG_SNAPSHOT` (read as a count of 0).
 const TAG_SNAPSHOT_WITH_DROPS: u8 = 10;
+const TAG_NACKED: u8 = 11;
+/// A snapshot followed by `dropped_by_retention` and the nack notes.
+/// Journals written before notes existed hold the two tags above (read as
+/// no notes).
+const TAG_SNAPSHOT_WITH_NOTES: u8 = 12;
 
 fn put_ranges(out: &mut BytesMut, ranges: impl ExactSizeIterator<Item = (u64, u64)>) {
     out.put_u32_le(u32::try_from(ranges.len()).expect("range count fits u32"));
@@ -373,8 +450,18 @@ pub fn encode_entries(sub: u64, entries: &[StateEntry]) -> Bytes {
                 out.put_u8(TAG_RESET);
                 out.put_u64_le(*offset);
             }
+            StateEntry::Nacked {
+                offset,
+                attempt,
+                text,
+            } => {
+                out.put_u8(TAG_NACKED);
+                out.put_u64_le(*offset);
+                out.put_u32_le(*attempt);
+                put_text(&mut out, text);
+            }
             StateEntry::Snapshot(state) => {
-                out.put_u8(TAG_SNAPSHOT_WITH_DROPS);
+                out.put_u8(TAG_SNAPSHOT_WITH_NOTES);
                 out.put_u64_le(state.settled.floor());
                 put_ranges(&mut out, state.settled.ranges.iter().map(|(s, e)| (*s, *e)));
                 out.put_u32_le(u32::try_from(state.attempts.len()).expect("attempts fit u32"));
@@ -390,11 +477,39 @@ pub fn encode_entries(sub: u64, entries: &[StateEntry]) -> Bytes {
                     state.dlq_removed.ranges.iter().map(|(s, e)| (*s, *e)),
                 );
                 out.put_u64_le(state.dropped_by_retention);
+                out.put_u32_le(u32::try_from(state.nack_notes.len()).expect("notes fit u32"));
+                for (offset, note) in &state.nack_notes {
+                    out.put_u64_le(*offset);
+                    out.put_u32_le(note.attempt);
+                    put_text(&mut out, &note.text);
+                }
             }
             StateEntry::Dropped => out.put_u8(TAG_DROPPED),
         }
     }
     out.freeze()
+}
+
+/// A text of at most 65535 bytes (longer ones are cut at a character
+/// boundary; nack reasons are far shorter).
+fn put_text(out: &mut BytesMut, text: &str) {
+    let mut end = text.len().min(u16::MAX as usize);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.put_u16_le(end as u16);
+    out.put_slice(&text.as_bytes()[..end]);
+}
+
+fn get_text(buf: &mut Bytes) -> Option<String> {
+    if buf.remaining() < 2 {
+        return None;
+    }
+    let len = buf.get_u16_le() as usize;
+    if buf.remaining() < len {
+        return None;
+    }
+    String::from_utf8(buf.split_to(len).to_vec()).ok()
 }
 
 fn get_ranges(buf: &mut Bytes) -> Option<Vec<(u64, u64)>> {
@@ -459,7 +574,12 @@ pub fn decode_entries(mut buf: Bytes) -> Option<(u64, Vec<StateEntry>)> {
             TAG_RESET => StateEntry::ResetAttempts {
                 offset: get_u64(&mut buf)?,
             },
-            tag @ (TAG_SNAPSHOT | TAG_SNAPSHOT_WITH_DROPS) => {
+            TAG_NACKED => StateEntry::Nacked {
+                offset: get_u64(&mut buf)?,
+                attempt: get_u32(&mut buf)?,
+                text: get_text(&mut buf)?,
+            },
+            tag @ (TAG_SNAPSHOT | TAG_SNAPSHOT_WITH_DROPS | TAG_SNAPSHOT_WITH_NOTES) => {
                 let floor = get_u64(&mut buf)?;
                 let settled = range_set(floor, get_ranges(&mut buf)?);
                 let n = get_u32(&mut buf)? as usize;
@@ -480,17 +600,29 @@ pub fn decode_entries(mut buf: Bytes) -> Option<(u64, Vec<StateEntry>)> {
                 }
                 let dlq_floor = get_u64(&mut buf)?;
                 let dlq_removed = range_set(dlq_floor, get_ranges(&mut buf)?);
-                let dropped_by_retention = if tag == TAG_SNAPSHOT_WITH_DROPS {
-                    get_u64(&mut buf)?
-                } else {
+                let dropped_by_retention = if tag == TAG_SNAPSHOT {
                     0
+                } else {
+                    get_u64(&mut buf)?
                 };
-                StateEntry::Snapshot(Box::new(SubscriptionState {
+                let mut state = SubscriptionState {
                     settled,
                     attempts,
                     dlq_removed,
                     dropped_by_retention,
-                }))
+                    ..SubscriptionState::default()
+                };
+                if tag == TAG_SNAPSHOT_WITH_NOTES {
+                    let n = get_u32(&mut buf)?;
+                    for _ in 0..n {
+                        state.apply(&StateEntry::Nacked {
+                            offset: get_u64(&mut buf)?,
+                            attempt: get_u32(&mut buf)?,
+                            text: get_text(&mut buf)?,
+                        });
+                    }
+                }
+                StateEntry::Snapshot(Box::new(state))
             }
             TAG_DROPPED => StateEntry::Dropped,
             _ => return None,
@@ -666,6 +798,11 @@ mod tests {
             count: 2,
             time_us: 9,
         });
+        state.apply(&StateEntry::Nacked {
+            offset: 3,
+            attempt: 2,
+            text: "timeout calling billing".into(),
+        });
         let entries = vec![
             StateEntry::Settled {
                 ranges: vec![(1, 2), (4, 9)],
@@ -688,6 +825,11 @@ mod tests {
                 ranges: vec![(0, 1)],
             },
             StateEntry::ResetAttempts { offset: 4 },
+            StateEntry::Nacked {
+                offset: 4,
+                attempt: 1,
+                text: "déjà vu".into(),
+            },
             StateEntry::Snapshot(Box::new(state)),
             StateEntry::Dropped,
         ];
@@ -697,23 +839,61 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_written_before_the_retention_counter_reads_as_zero_drops() {
+    fn snapshots_written_before_the_retention_counter_or_notes_still_read() {
         let mut state = SubscriptionState::starting_at(Offset(4));
         state.apply(&StateEntry::RetentionDropped { floor: 9, count: 5 });
         assert_eq!(state.settled.floor(), 9);
         assert_eq!(state.dropped_by_retention, 5);
         let new = encode_entries(1, &[StateEntry::Snapshot(Box::new(state.clone()))]);
-        assert_eq!(new[8], TAG_SNAPSHOT_WITH_DROPS);
-        // The old layout: the same bytes under the old tag, without the
-        // trailing counter.
-        let mut old = BytesMut::from(&new[..new.len() - 8]);
-        old[8] = TAG_SNAPSHOT;
-        let (_, got) = decode_entries(old.freeze()).unwrap();
-        let StateEntry::Snapshot(got) = &got[0] else {
-            panic!("{got:?}")
+        assert_eq!(new[8], TAG_SNAPSHOT_WITH_NOTES);
+        // The older layouts: the same bytes under the older tags, without
+        // the trailing note count (4 bytes) and counter (8 bytes).
+        for (tag, cut, drops) in [(TAG_SNAPSHOT_WITH_DROPS, 4, 5), (TAG_SNAPSHOT, 12, 0)] {
+            let mut old = BytesMut::from(&new[..new.len() - cut]);
+            old[8] = tag;
+            let (_, got) = decode_entries(old.freeze()).unwrap();
+            let StateEntry::Snapshot(got) = &got[0] else {
+                panic!("{got:?}")
+            };
+            assert_eq!(got.dropped_by_retention, drops);
+            assert_eq!(got.settled, state.settled);
+        }
+    }
+
+    #[test]
+    fn nack_notes_are_kept_until_settled_and_counted() {
+        let mut state = SubscriptionState::starting_at(Offset(0));
+        let note = |offset: u64, attempt: u32, text: &str| StateEntry::Nacked {
+            offset,
+            attempt,
+            text: text.into(),
         };
-        assert_eq!(got.dropped_by_retention, 0);
-        assert_eq!(got.settled, state.settled);
+        state.apply(&note(1, 1, "first"));
+        state.apply(&note(1, 2, "second"));
+        state.apply(&note(2, 1, "x"));
+        state.apply(&note(7, 3, "late"));
+        assert_eq!(
+            state.nack_note(1),
+            Some(&NackNote {
+                attempt: 2,
+                text: "second".into()
+            })
+        );
+        let cost = |text: &str| text.len() as u64 + NACK_NOTE_OVERHEAD_BYTES;
+        assert_eq!(
+            state.nack_note_bytes(),
+            cost("second") + cost("x") + cost("late")
+        );
+        state.apply(&StateEntry::Settled {
+            ranges: vec![(2, 3)],
+        });
+        assert_eq!(state.nack_note(2), None);
+        state.apply(&StateEntry::Floor { floor: 5 });
+        assert_eq!(state.nack_note(1), None);
+        assert_eq!(state.nack_note_bytes(), cost("late"));
+        state.truncate_at(Offset(6));
+        assert_eq!(state.nack_note(7), None);
+        assert_eq!(state.nack_note_bytes(), 0);
     }
 
     #[test]

@@ -234,6 +234,49 @@ impl Clients {
             .results
     }
 
+    /// A plain nack (redelivered later) giving `reason`.
+    pub async fn nack_because(
+        &mut self,
+        sub: &str,
+        ids: Vec<String>,
+        reason: &str,
+    ) -> Vec<v1::AckResult> {
+        self.subscriber
+            .nack(v1::NackRequest {
+                subscription: sub.into(),
+                ack_ids: ids,
+                reject: false,
+                reason: reason.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .results
+    }
+
+    /// The message's status in subscription `sub`.
+    pub async fn status_in(
+        &mut self,
+        topic: &str,
+        id: &str,
+        sub: &str,
+    ) -> v1::SubscriptionMessageStatus {
+        let status = self
+            .admin
+            .get_message_status(v1::GetMessageStatusRequest {
+                topic: topic.into(),
+                message_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        status
+            .subscriptions
+            .into_iter()
+            .find(|s| s.subscription == sub)
+            .unwrap_or_else(|| panic!("{sub} not in the status of {topic}/{id}"))
+    }
+
     pub async fn stats(&mut self, sub: &str) -> v1::SubscriptionStats {
         self.admin
             .get_subscription_stats(v1::GetSubscriptionStatsRequest { name: sub.into() })
