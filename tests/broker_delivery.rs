@@ -269,8 +269,7 @@ async fn exhausted_attempts_dead_letter_once_with_full_metadata_and_redrive_retu
         .admin
         .redrive_dead_letters(v1::RedriveDeadLettersRequest {
             subscription: "s".into(),
-            message_ids: vec![],
-            reason: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -584,4 +583,97 @@ async fn a_pull_waiting_when_the_broker_shuts_down_ends_unavailable() {
         "shutdown waited {:?} for the Pull",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn a_dead_letter_redriven_with_a_replacement_is_delivered_with_it_and_says_so() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    c.create_topic("t").await;
+    c.create_sub("s", "t").await;
+    c.create_sub("other", "t").await;
+    c.publisher
+        .publish(v1::PublishRequest {
+            topic: "t".into(),
+            messages: vec![v1::PublishMessage {
+                data: "{\"amount\": \"12,50\"}".into(),
+                attributes: [("kind".to_string(), "invoice".to_string())].into(),
+                ordering_key: "acct-7".into(),
+            }],
+        })
+        .await
+        .unwrap();
+    let got = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    let id = got[0].message.as_ref().unwrap().message_id.clone();
+    c.nack("s", ack_ids(&got), Some("amount is not a number"))
+        .await;
+    let redriven = c
+        .admin
+        .redrive_dead_letters(v1::RedriveDeadLettersRequest {
+            subscription: "s".into(),
+            message_ids: vec![id.clone()],
+            reason: None,
+            replacement: Some(v1::RedriveReplacement {
+                data: Some("{\"amount\": 12.5}".into()),
+                replace_attributes: true,
+                attributes: [("kind".to_string(), "invoice-v2".to_string())].into(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .redriven;
+    assert_eq!(redriven, 1);
+    assert!(c.dead_letters("s").await.is_empty());
+
+    let status = c.status_in("t", &id, "s").await;
+    assert_eq!(status.state, v1::MessageState::Pending as i32);
+    assert_eq!(status.redrive, v1::Redrive::Replaced as i32);
+    // Other subscriptions are not touched.
+    assert_eq!(
+        c.status_in("t", &id, "other").await.redrive,
+        v1::Redrive::None as i32
+    );
+
+    let again = c.pull_n("s", 1, Duration::from_secs(3)).await;
+    let m = again[0].message.as_ref().unwrap();
+    assert_eq!(m.message_id, id, "the message keeps its id");
+    assert_eq!(&m.data[..], b"{\"amount\": 12.5}");
+    assert_eq!(
+        m.attributes.get("kind").map(String::as_str),
+        Some("invoice-v2")
+    );
+    assert_eq!(m.ordering_key, "acct-7");
+    assert_eq!(again[0].delivery_attempt, 1);
+    // Rejected again: the dead letter says it was a replaced redrive.
+    c.nack("s", ack_ids(&again), Some("still wrong")).await;
+    let status = c.status_in("t", &id, "s").await;
+    assert_eq!(status.state, v1::MessageState::DeadLettered as i32);
+    assert_eq!(status.redrive, v1::Redrive::Replaced as i32);
+    assert_eq!(status.dead_letter_reason_text, "still wrong");
+
+    // The copy's own offset is not a message of its own.
+    let next = c
+        .admin
+        .get_topic_stats(v1::GetTopicStatsRequest { name: "t".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .next_offset;
+    let copy = c
+        .admin
+        .get_message_status(v1::GetMessageStatusRequest {
+            topic: "t".into(),
+            message_id: (next - 1).to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(copy.code(), tonic::Code::NotFound);
+    assert!(
+        copy.message()
+            .contains(&format!("redriven copy of message {id}")),
+        "{}",
+        copy.message()
+    );
+    server.stop().await;
 }

@@ -616,7 +616,8 @@ async fn bad_input_gets_a_precise_status_naming_the_field() {
         a.redrive_dead_letters(v1::RedriveDeadLettersRequest {
             subscription: "s".into(),
             message_ids: vec![],
-            reason: Some(9)
+            reason: Some(9),
+            replacement: None,
         }),
         Code::InvalidArgument,
         "reason"
@@ -626,7 +627,8 @@ async fn bad_input_gets_a_precise_status_naming_the_field() {
         a.redrive_dead_letters(v1::RedriveDeadLettersRequest {
             subscription: "nope".into(),
             message_ids: vec![],
-            reason: None
+            reason: None,
+            replacement: None,
         }),
         Code::NotFound,
         "nope"
@@ -684,6 +686,71 @@ async fn bad_input_gets_a_precise_status_naming_the_field() {
         next.dead_letters.len(),
         2,
         "an issued token goes on where the page ended"
+    );
+
+    // Replacing a dead letter's content when redriving it.
+    let dead_id = next.dead_letters[0]
+        .message
+        .as_ref()
+        .unwrap()
+        .message_id
+        .clone();
+    let replace = |ids: &[&str], replacement: v1::RedriveReplacement| {
+        let mut a = a.clone();
+        let request = v1::RedriveDeadLettersRequest {
+            subscription: "s2".into(),
+            message_ids: ids.iter().map(|id| id.to_string()).collect(),
+            reason: None,
+            replacement: Some(replacement),
+        };
+        async move { a.redrive_dead_letters(request).await }
+    };
+    let data = |bytes: Vec<u8>| v1::RedriveReplacement {
+        data: Some(bytes.into()),
+        ..Default::default()
+    };
+    row!(
+        "redrive replacement for two ids",
+        replace(&[&dead_id, "0"], data(b"x".to_vec())),
+        Code::InvalidArgument,
+        "replacement"
+    );
+    row!(
+        "redrive replacement for all",
+        replace(&[], data(b"x".to_vec())),
+        Code::InvalidArgument,
+        "replacement"
+    );
+    row!(
+        "redrive replacement of nothing",
+        replace(&[&dead_id], v1::RedriveReplacement::default()),
+        Code::InvalidArgument,
+        "replacement"
+    );
+    row!(
+        "redrive replacement too large",
+        replace(&[&dead_id], data(vec![b'x'; 10 * 1024 * 1024 + 1])),
+        Code::InvalidArgument,
+        "replacement.data"
+    );
+    row!(
+        "redrive replacement with an empty attribute key",
+        replace(
+            &[&dead_id],
+            v1::RedriveReplacement {
+                replace_attributes: true,
+                attributes: [(String::new(), "v".to_string())].into(),
+                ..Default::default()
+            }
+        ),
+        Code::InvalidArgument,
+        "replacement.attributes"
+    );
+    row!(
+        "redrive replacement of a message not dead-lettered",
+        replace(&["999"], data(b"x".to_vec())),
+        Code::NotFound,
+        "999"
     );
 
     let mut failures = after_each;

@@ -255,3 +255,103 @@ async fn publish_lines_publishes_every_line_when_its_reader_goes_away() {
     let stats: serde_json::Value = serde_json::from_str(stats.trim()).unwrap();
     assert_eq!(stats["next_offset"], LINES, "{stats}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_reason_shows_in_status_and_a_fixed_dead_letter_is_resent() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let url = url.as_str();
+    ok(url, &["topic", "create", "orders"]);
+    ok(
+        url,
+        &[
+            "sub",
+            "create",
+            "billing",
+            "--topic",
+            "orders",
+            "--min-backoff",
+            "10ms",
+            "--max-backoff",
+            "10ms",
+        ],
+    );
+    ok(
+        url,
+        &["publish", "orders", "--attr", "v=1", "{\"amount\": \"x\"}"],
+    );
+    let pulled = json_lines(&ok(url, &["pull", "billing", "--wait", "2s", "--json"]));
+    let ack_id = pulled[0]["ack_id"].as_str().unwrap().to_string();
+    ok(
+        url,
+        &[
+            "nack",
+            "billing",
+            &ack_id,
+            "--reason",
+            "amount is not a number",
+        ],
+    );
+    let status = ok(url, &["status", "orders", "0"]);
+    assert!(
+        status.contains("attempt 1 nacked: amount is not a number"),
+        "{status}"
+    );
+
+    let pulled = json_lines(&ok(url, &["pull", "billing", "--wait", "2s", "--json"]));
+    let ack_id = pulled[0]["ack_id"].as_str().unwrap().to_string();
+    ok(
+        url,
+        &[
+            "nack",
+            "billing",
+            &ack_id,
+            "--reject",
+            "--reason",
+            "bad amount",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let fixed = dir.path().join("fixed.json");
+    std::fs::write(&fixed, "{\"amount\": 12.5}").unwrap();
+    let out = ok(
+        url,
+        &[
+            "dlq",
+            "redrive",
+            "billing",
+            "--id",
+            "0",
+            "--data-file",
+            fixed.to_str().unwrap(),
+            "--attr",
+            "v=2",
+        ],
+    );
+    assert_eq!(
+        out.trim(),
+        "redrove 1 dead letter of \"billing\" (message 0 with replaced data and attributes)"
+    );
+    let status = ok(url, &["status", "orders", "0"]);
+    assert!(
+        status.contains("redriven with replaced content"),
+        "{status}"
+    );
+    let pulled = json_lines(&ok(
+        url,
+        &["pull", "billing", "--wait", "2s", "--ack", "--json"],
+    ));
+    assert_eq!(pulled[0]["message_id"], "0");
+    // JSON output carries data as base64: this is `{"amount": 12.5}`.
+    assert_eq!(pulled[0]["data"], "eyJhbW91bnQiOiAxMi41fQ==");
+    assert_eq!(pulled[0]["attributes"]["v"], "2");
+    // Nothing left to replace: an error naming the message, exit 1.
+    let out = courier(
+        url,
+        &["dlq", "redrive", "billing", "--id", "0", "--data", "x"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NOT_FOUND") && err.contains("\"0\""), "{err}");
+    server.stop().await;
+}

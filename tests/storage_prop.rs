@@ -25,7 +25,7 @@ use courier::storage::record::{self, FrameError};
 use courier::storage::segment::{SEGMENT_HEADER_BYTES, parse_segment_file_name};
 use courier::storage::{
     Appended, Attribute, FsyncMode, Log, LogConfig, NewRecord, Offset, ReadLimits, Record,
-    StorageError,
+    StorageError, Target,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -60,7 +60,7 @@ fn arb_attribute() -> impl Strategy<Value = Attribute> {
 fn arb_new_record() -> impl Strategy<Value = NewRecord> {
     (
         any::<Option<u64>>(),
-        any::<Option<u64>>(),
+        any::<Option<(u64, bool)>>(),
         prop::collection::vec(arb_attribute(), 0..6),
         bytes_up_to(300),
         bytes_up_to(4096),
@@ -68,7 +68,10 @@ fn arb_new_record() -> impl Strategy<Value = NewRecord> {
         .prop_map(
             |(message_id, target, attributes, ordering_key, payload)| NewRecord {
                 message_id,
-                target,
+                target: target.map(|(subscription, replaced)| Target {
+                    subscription,
+                    replaced,
+                }),
                 attributes,
                 ordering_key,
                 payload,

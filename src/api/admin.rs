@@ -9,7 +9,8 @@ use crate::broker::config::{
     DEAD_LETTER_PAGE_DEFAULT, DEAD_LETTER_PAGE_MAX, REDRIVE_IDS_MAX, check_name,
 };
 use crate::broker::{
-    Broker, DeadLetterReason, MessageState, RedriveFilter, SubscriptionSpec, SubscriptionUpdate,
+    Broker, DeadLetterReason, MessageState, Redrive, RedriveFilter, Replacement, SubscriptionSpec,
+    SubscriptionUpdate,
 };
 use crate::storage::Offset;
 use crate::storage::meta::Retention;
@@ -316,9 +317,14 @@ impl Admin for AdminService {
         let subscriptions = status
             .subscriptions
             .into_iter()
-            .map(|(subscription, state)| {
+            .map(|(subscription, state, redrive)| {
                 let mut out = v1::SubscriptionMessageStatus {
                     subscription,
+                    redrive: match redrive {
+                        None => v1::Redrive::None,
+                        Some(Redrive::Unchanged) => v1::Redrive::Unchanged,
+                        Some(Redrive::Replaced) => v1::Redrive::Replaced,
+                    } as i32,
                     ..Default::default()
                 };
                 match state {
@@ -432,6 +438,12 @@ impl Admin for AdminService {
             .map(|id| parse_message_id("message_ids", id))
             .collect::<Result<_, _>>()?;
         let reason = req.reason.map(|r| parse_reason("reason", r)).transpose()?;
+        let replacement = req.replacement.map(|r| Replacement {
+            data: r.data,
+            attributes: r
+                .replace_attributes
+                .then(|| convert::attributes(r.attributes)),
+        });
         let redriven = self
             .broker
             .redrive(
@@ -439,6 +451,7 @@ impl Admin for AdminService {
                 RedriveFilter {
                     message_ids,
                     reason,
+                    replacement,
                 },
             )
             .await

@@ -29,21 +29,24 @@ fn opt_timestamp_us(us: u64) -> Option<Timestamp> {
     (us > 0).then(|| timestamp_us(us))
 }
 
-pub fn new_record(m: v1::PublishMessage) -> NewRecord {
-    let mut attributes: Vec<Attribute> = m
-        .attributes
+/// Attributes as stored: sorted by key (a map's order is random).
+pub fn attributes(map: HashMap<String, String>) -> Vec<Attribute> {
+    let mut attributes: Vec<Attribute> = map
         .into_iter()
         .map(|(k, v)| Attribute {
             key: Bytes::from(k),
             value: Bytes::from(v),
         })
         .collect();
-    // Map order is random; store attributes in a stable order.
     attributes.sort_by(|a, b| a.key.cmp(&b.key));
+    attributes
+}
+
+pub fn new_record(m: v1::PublishMessage) -> NewRecord {
     NewRecord {
         message_id: None,
         target: None,
-        attributes,
+        attributes: attributes(m.attributes),
         ordering_key: Bytes::from(m.ordering_key),
         payload: m.data,
     }

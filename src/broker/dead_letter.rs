@@ -8,10 +8,13 @@
 //! message was dead-lettered. `meta` is little-endian:
 //! `reason: u8 | attempts: u32 | first_delivery_us: u64 |
 //! last_delivery_us: u64 | source_offset: u64 | publish_time_us: u64 |
-//! reason_text_len: u16 | reason_text | topic_len: u16 | topic`, then, if
-//! a consumer gave a reason with a plain nack of it,
-//! `nack_attempt: u32 | nack_reason_len: u16 | nack_reason` (entries
-//! written before nack reasons were kept end at the topic).
+//! reason_text_len: u16 | reason_text | topic_len: u16 | topic`, then
+//! optional fields, each `tag: u8 | value` (entries written before they
+//! existed end at the topic):
+//! - tag 1, the last reason a consumer gave with a plain nack:
+//!   `attempt: u32 | text_len: u16 | text`;
+//! - tag 2, the message was a redriven copy: `replaced: u8` (1 if the
+//!   operator replaced its data or attributes).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -127,6 +130,30 @@ pub enum DeadLetterReason {
     Rejected,
 }
 
+/// How a redrive put a message back into its subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redrive {
+    Unchanged,
+    /// With a replacement of its data and/or attributes.
+    Replaced,
+}
+
+impl Redrive {
+    /// How the record `r` came to be, if it is a redriven copy.
+    pub fn of(r: &Record) -> Option<Self> {
+        r.target.map(|t| {
+            if t.replaced {
+                Redrive::Replaced
+            } else {
+                Redrive::Unchanged
+            }
+        })
+    }
+}
+
+const TAG_NACK_NOTE: u8 = 1;
+const TAG_REDRIVE: u8 = 2;
+
 /// A dead letter as listed to operators.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
@@ -141,6 +168,8 @@ pub struct DeadLetter {
     pub topic: String,
     /// The last reason a consumer gave with a plain nack, and its attempt.
     pub last_nack: Option<NackNote>,
+    /// Set if the message dead-lettered was a redriven copy.
+    pub redrive: Option<Redrive>,
     /// Offset of the message in its topic.
     pub source_offset: Offset,
     /// The original message: id, attributes, ordering key, payload and
@@ -158,6 +187,7 @@ pub struct DeadLetterMeta {
     pub last_delivery_us: u64,
     pub topic: String,
     pub last_nack: Option<NackNote>,
+    pub redrive: Option<Redrive>,
 }
 
 /// Builds the payload of a dead-letter record for `message`.
@@ -180,9 +210,14 @@ pub fn encode_payload(meta: &DeadLetterMeta, message: &Record) -> Bytes {
     m.put_slice(topic.as_bytes());
     if let Some(note) = &meta.last_nack {
         let text = truncate_utf8(&note.text, u16::MAX as usize);
+        m.put_u8(TAG_NACK_NOTE);
         m.put_u32_le(note.attempt);
         m.put_u16_le(text.len() as u16);
         m.put_slice(text.as_bytes());
+    }
+    if let Some(redrive) = meta.redrive {
+        m.put_u8(TAG_REDRIVE);
+        m.put_u8(u8::from(redrive == Redrive::Replaced));
     }
     let mut out = BytesMut::with_capacity(4 + m.len() + message.payload.len());
     out.put_u32_le(m.len() as u32);
@@ -237,22 +272,27 @@ pub fn decode(record: &Record) -> Option<DeadLetter> {
         return None;
     }
     let topic = String::from_utf8(m.split_to(topic_len).to_vec()).ok()?;
-    let last_nack = if m.has_remaining() {
-        if m.remaining() < 4 + 2 {
-            return None;
+    let (mut last_nack, mut redrive) = (None, None);
+    while m.has_remaining() {
+        match m.get_u8() {
+            TAG_NACK_NOTE if m.remaining() >= 4 + 2 => {
+                let attempt = m.get_u32_le();
+                let len = m.get_u16_le() as usize;
+                if m.remaining() < len {
+                    return None;
+                }
+                let text = String::from_utf8(m.split_to(len).to_vec()).ok()?;
+                last_nack = Some(NackNote { attempt, text });
+            }
+            TAG_REDRIVE if m.has_remaining() => {
+                redrive = Some(match m.get_u8() {
+                    0 => Redrive::Unchanged,
+                    _ => Redrive::Replaced,
+                });
+            }
+            _ => return None,
         }
-        let attempt = m.get_u32_le();
-        let len = m.get_u16_le() as usize;
-        if m.remaining() != len {
-            return None;
-        }
-        Some(NackNote {
-            attempt,
-            text: String::from_utf8(m.to_vec()).ok()?,
-        })
-    } else {
-        None
-    };
+    }
     Some(DeadLetter {
         dlq_offset: record.offset,
         reason,
@@ -263,6 +303,7 @@ pub fn decode(record: &Record) -> Option<DeadLetter> {
         dead_letter_us: record.publish_time_us,
         topic,
         last_nack,
+        redrive,
         source_offset,
         message: Record {
             offset: source_offset,
@@ -303,6 +344,7 @@ mod tests {
             last_delivery_us: 20,
             topic: "orders".into(),
             last_nack: None,
+            redrive: None,
         };
         let stored = |meta: &DeadLetterMeta| Record {
             offset: Offset(0),
@@ -325,10 +367,12 @@ mod tests {
         };
         let with_note = DeadLetterMeta {
             last_nack: Some(note.clone()),
+            redrive: Some(Redrive::Replaced),
             ..meta
         };
         let dl = decode(&stored(&with_note)).unwrap();
         assert_eq!(dl.last_nack, Some(note));
+        assert_eq!(dl.redrive, Some(Redrive::Replaced));
         assert_eq!(dl.topic, "orders");
         assert_eq!(dl.message, message);
     }

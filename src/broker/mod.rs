@@ -28,7 +28,7 @@ pub mod topic;
 
 pub use ack_id::{AckId, AckKey};
 pub use config::BrokerConfig;
-pub use dead_letter::{DeadLetter, DeadLetterReason};
+pub use dead_letter::{DeadLetter, DeadLetterReason, Redrive};
 pub use error::{BrokerError, Result};
 pub use memory::MemoryBudget;
 pub use subscription::{
@@ -42,6 +42,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
 use crate::storage::definition;
@@ -50,7 +51,9 @@ use crate::storage::meta::{
     DeadLetterPolicy, MetaStore, Retention, RetentionMode, RetryPolicy, SubscriptionDef, TopicDef,
 };
 use crate::storage::state::{StateEntry, StateJournal, SubscriptionState};
-use crate::storage::{Appended, Log, LogConfig, NewRecord, Offset, StorageError};
+use crate::storage::{
+    Appended, Attribute, Log, LogConfig, NewRecord, Offset, StorageError, Target,
+};
 
 use recovery::{DELETING_SUFFIX, KIND_SUBSCRIPTION, KIND_TOPIC};
 use subscription::{SubscriptionEnv, now_us};
@@ -112,7 +115,9 @@ pub struct BrokerStats {
 #[derive(Debug, Clone)]
 pub struct MessageStatus {
     pub publish_time_us: Option<u64>,
-    pub subscriptions: Vec<(String, MessageState)>,
+    /// Per subscription: the message's state there, and whether a redrive
+    /// put it there.
+    pub subscriptions: Vec<(String, MessageState, Option<Redrive>)>,
 }
 
 /// Which dead letters to redrive.
@@ -121,6 +126,16 @@ pub struct RedriveFilter {
     /// Message ids; empty = all.
     pub message_ids: Vec<u64>,
     pub reason: Option<DeadLetterReason>,
+    /// New content for the one dead letter named in `message_ids`.
+    pub replacement: Option<Replacement>,
+}
+
+/// What an operator replaces in a dead letter they redrive; `None` keeps
+/// the dead letter's own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replacement {
+    pub data: Option<Bytes>,
+    pub attributes: Option<Vec<Attribute>>,
 }
 
 /// The broker. Cloning shares it.
@@ -617,15 +632,16 @@ impl Broker {
             ));
         }
         for (i, m) in messages.iter().enumerate() {
-            self.check_message(i, m)?;
+            self.check_message(&format!("messages[{i}]"), m)?;
         }
         let topic = self.topic(topic)?;
         topic.check_room(&messages)?;
         Ok(topic.log.append(&messages).await?)
     }
 
-    fn check_message(&self, i: usize, m: &NewRecord) -> Result<()> {
-        let field = |f: &str| format!("messages[{i}].{f}");
+    /// Checks a message's limits; errors name `{prefix}.{field}`.
+    fn check_message(&self, prefix: &str, m: &NewRecord) -> Result<()> {
+        let field = |f: &str| format!("{prefix}.{f}");
         if m.attributes.len() > config::ATTRIBUTES_MAX {
             return Err(BrokerError::invalid(
                 field("attributes"),
@@ -981,8 +997,28 @@ impl Broker {
     async fn redrive_in_task(&self, subscription: &str, filter: RedriveFilter) -> Result<u64> {
         self.check_running()?;
         let sub = self.subscription(subscription)?;
+        if let Some(r) = &filter.replacement {
+            if filter.message_ids.len() != 1 {
+                return Err(BrokerError::invalid(
+                    "replacement",
+                    format!(
+                        "replaces one dead letter's content: message_ids must name exactly one, not {}",
+                        filter.message_ids.len()
+                    ),
+                ));
+            }
+            if r.data.is_none() && r.attributes.is_none() {
+                return Err(BrokerError::invalid(
+                    "replacement",
+                    "replaces nothing: set data, attributes or both",
+                ));
+            }
+        }
         let _one_at_a_time = sub.dead_letter_ops.lock().await;
-        let target = sub.id();
+        let target = Target {
+            subscription: sub.id(),
+            replaced: filter.replacement.is_some(),
+        };
         let mut total = 0u64;
         let mut from = Offset(0);
         // Page through the queue so memory stays bounded however many
@@ -998,7 +1034,7 @@ impl Broker {
                 .filter(|dl| filter.reason.is_none_or(|r| r == dl.reason))
                 .collect();
             if !chosen.is_empty() {
-                let records: Vec<NewRecord> = chosen
+                let mut records: Vec<NewRecord> = chosen
                     .iter()
                     .map(|dl| NewRecord {
                         message_id: Some(dl.message.message_id),
@@ -1008,6 +1044,27 @@ impl Broker {
                         payload: dl.message.payload.clone(),
                     })
                     .collect();
+                if let Some(r) = &filter.replacement {
+                    // One id, so at most one dead letter (a message is
+                    // dead-lettered once per redrive).
+                    let copy = &mut records[0];
+                    if let Some(data) = &r.data {
+                        copy.payload = data.clone();
+                    }
+                    if let Some(attributes) = &r.attributes {
+                        copy.attributes = attributes.clone();
+                    }
+                    self.check_message("replacement", copy)?;
+                    tracing::info!(
+                        subscription,
+                        message_id = chosen[0].message.message_id,
+                        replaced_data = r.data.is_some(),
+                        replaced_attributes = r.attributes.is_some(),
+                        old_bytes = chosen[0].message.payload.len(),
+                        new_bytes = copy.payload.len(),
+                        "dead letter redriven with a replacement"
+                    );
+                }
                 sub.topic.log.append(&records).await?;
                 sub.remove_dead_letters(chosen.iter().map(|dl| dl.dlq_offset.0).collect())
                     .await?;
@@ -1020,6 +1077,11 @@ impl Broker {
         }
         if total > 0 {
             tracing::info!(subscription, count = total, "dead letters redriven");
+        } else if filter.replacement.is_some() {
+            return Err(BrokerError::NotFound {
+                kind: "dead letter",
+                name: filter.message_ids[0].to_string(),
+            });
         }
         Ok(total)
     }
@@ -1071,7 +1133,7 @@ impl Broker {
                 name: format!("{message_id} (removed by retention)"),
             });
         }
-        let publish_time_us = topic
+        let record = topic
             .log
             .read(
                 Offset(message_id),
@@ -1082,13 +1144,25 @@ impl Broker {
             )
             .ok()
             .and_then(|b| b.records.into_iter().next())
-            .filter(|r| r.offset.0 == message_id)
-            .map(|r| r.publish_time_us);
+            .filter(|r| r.offset.0 == message_id);
+        if let Some(copy) = record.as_ref().filter(|r| r.message_id != message_id) {
+            // The offset holds a redriven dead letter, which keeps its
+            // original id: it is not a message of its own.
+            return Err(BrokerError::NotFound {
+                kind: "message",
+                name: format!(
+                    "{message_id} (offset {message_id} holds a redriven copy of message {}; ask for that id)",
+                    copy.message_id
+                ),
+            });
+        }
+        let publish_time_us = record.map(|r| r.publish_time_us);
         let mut subs = topic.subscriptions();
         subs.sort_by_key(|s| s.name());
         let mut out = Vec::with_capacity(subs.len());
         for sub in subs {
-            out.push((sub.name(), sub.message_state(message_id)?));
+            let (state, redrive) = sub.message_state(message_id)?;
+            out.push((sub.name(), state, redrive));
         }
         Ok(MessageStatus {
             publish_time_us,

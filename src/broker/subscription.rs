@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 
 use crate::broker::ack_id::{AckId, AckKey};
 use crate::broker::dead_letter::{
-    self, DeadLetter, DeadLetterLog, DeadLetterMeta, DeadLetterReason,
+    self, DeadLetter, DeadLetterLog, DeadLetterMeta, DeadLetterReason, Redrive,
 };
 use crate::broker::error::{BrokerError, Result};
 use crate::broker::memory::NoteLedger;
@@ -754,7 +754,7 @@ impl Subscription {
                         core.cursor = offset + 1;
                         continue;
                     }
-                    if record.target.is_some_and(|t| t != my_id) {
+                    if record.target.is_some_and(|t| t.subscription != my_id) {
                         if offset >= visible {
                             // Settle it only once it is durable.
                             break 'fill;
@@ -1303,6 +1303,7 @@ impl Subscription {
                 last_delivery_us: attempts.map_or(0, |a| a.last_delivery_us),
                 topic: def.topic.clone(),
                 last_nack,
+                redrive: Redrive::of(&message),
             };
             records.push(NewRecord {
                 message_id: Some(message.message_id),
@@ -1522,12 +1523,12 @@ impl Subscription {
     /// Where message `message_id` (first published at that offset) is for
     /// this subscription: the original record's state, else a dead letter,
     /// else a redriven copy still waiting, else acked.
-    pub fn message_state(&self, message_id: u64) -> Result<MessageState> {
+    pub fn message_state(&self, message_id: u64) -> Result<(MessageState, Option<Redrive>)> {
         if message_id < self.def.read().start_offset {
-            return Ok(MessageState::NotSubscribed);
+            return Ok((MessageState::NotSubscribed, None));
         }
         if let Some(state) = Self::unsettled_state(&self.core.lock(), message_id) {
-            return Ok(state);
+            return Ok((state, None));
         }
         let mut from = Offset(0);
         loop {
@@ -1536,12 +1537,13 @@ impl Subscription {
                 .into_iter()
                 .find(|dl| dl.message.message_id == message_id)
             {
-                return Ok(MessageState::DeadLettered {
+                let state = MessageState::DeadLettered {
                     reason: dl.reason,
                     reason_text: dl.reason_text,
                     attempts: dl.delivery_attempts,
                     last_nack: dl.last_nack,
-                });
+                };
+                return Ok((state, dl.redrive));
             }
             match next {
                 Some(n) => from = n,
@@ -1577,15 +1579,15 @@ impl Subscription {
                 break;
             }
             for r in batch.records.iter().filter(|r| r.offset.0 < end) {
-                if r.target == Some(my_id) && r.message_id == message_id {
+                if r.target.is_some_and(|t| t.subscription == my_id) && r.message_id == message_id {
                     if let Some(state) = Self::unsettled_state(&self.core.lock(), r.offset.0) {
-                        return Ok(state);
+                        return Ok((state, Redrive::of(r)));
                     }
                 }
             }
             at = batch.next;
         }
-        Ok(MessageState::Acked)
+        Ok((MessageState::Acked, None))
     }
 
     /// Live dead letters from dead-letter offset `from`, up to `max`.

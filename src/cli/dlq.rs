@@ -1,14 +1,21 @@
 //! `courier dlq ...`: list (following page tokens), redrive and purge a
 //! subscription's dead-letter queue, through the Admin service.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use bytes::Bytes;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
+use super::UsageError;
 use super::conn::Conn;
 use super::output::{count, message_fields, message_json, reason_name, time_human, time_json};
+use super::parse;
+use super::publish::read_file;
 use crate::api::pb::v1::{
     DeadLetter, DeadLetterReason, ListDeadLettersRequest, PurgeDeadLettersRequest,
-    RedriveDeadLettersRequest,
+    RedriveDeadLettersRequest, RedriveReplacement,
 };
 use crate::broker::config::{DEAD_LETTER_PAGE_MAX, REDRIVE_IDS_MAX};
 
@@ -56,17 +63,87 @@ pub enum DlqCommand {
         /// Name of the subscription.
         subscription: String,
         /// Only these message ids (comma-separated); default all.
-        #[arg(long, value_name = "ID,...", value_delimiter = ',')]
+        #[arg(
+            long,
+            value_name = "ID,...",
+            value_delimiter = ',',
+            conflicts_with_all = ["id", "data", "data_file", "attrs", "no_attrs"]
+        )]
         ids: Vec<String>,
+        /// Only this message id; with --data, --data-file, --attr or
+        /// --no-attrs it is redriven with that content instead of its own.
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
         /// Only dead letters with this reason.
         #[arg(long, value_enum)]
         reason: Option<Reason>,
+        #[command(flatten)]
+        replace: ReplaceArgs,
     },
     /// Discard the whole dead-letter queue.
     Purge {
         /// Name of the subscription.
         subscription: String,
     },
+}
+
+/// The replacement content of `courier dlq redrive --id`.
+#[derive(Args, Debug, Default, PartialEq)]
+pub struct ReplaceArgs {
+    /// Replace the message's payload with this text.
+    #[arg(
+        long,
+        value_name = "TEXT",
+        requires = "id",
+        conflicts_with = "data_file"
+    )]
+    data: Option<String>,
+    /// Replace the message's payload with this file's bytes ('-' for stdin).
+    #[arg(long, value_name = "FILE", requires = "id")]
+    data_file: Option<PathBuf>,
+    /// Replace all of the message's attributes with these (repeatable).
+    #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse::attr, requires = "id")]
+    attrs: Vec<(String, String)>,
+    /// Remove all of the message's attributes.
+    #[arg(long, requires = "id", conflicts_with = "attrs")]
+    no_attrs: bool,
+}
+
+impl ReplaceArgs {
+    /// The replacement to send, if any part is replaced.
+    async fn replacement(&self) -> anyhow::Result<Option<RedriveReplacement>> {
+        let data = match (&self.data, &self.data_file) {
+            (Some(text), _) => Some(Bytes::from(text.clone())),
+            (None, Some(path)) => Some(read_file(path).await?),
+            (None, None) => None,
+        };
+        let replace_attributes = self.no_attrs || !self.attrs.is_empty();
+        let mut attributes = HashMap::new();
+        for (k, v) in &self.attrs {
+            if attributes.insert(k.clone(), v.clone()).is_some() {
+                return Err(UsageError(format!("attribute {k:?} given twice")).into());
+            }
+        }
+        Ok(
+            (data.is_some() || replace_attributes).then_some(RedriveReplacement {
+                data,
+                replace_attributes,
+                attributes,
+            }),
+        )
+    }
+
+    /// What was replaced, for the summary line.
+    fn describe(&self) -> &'static str {
+        let data = self.data.is_some() || self.data_file.is_some();
+        let attrs = self.no_attrs || !self.attrs.is_empty();
+        match (data, attrs) {
+            (true, true) => " with replaced data and attributes",
+            (true, false) => " with replaced data",
+            (false, true) => " with replaced attributes",
+            (false, false) => "",
+        }
+    }
 }
 
 impl DlqArgs {
@@ -112,11 +189,15 @@ impl DlqArgs {
             }
             DlqCommand::Redrive {
                 subscription,
-                ids,
+                mut ids,
+                id,
                 reason,
+                replace,
             } => {
                 let what = format!("dlq redrive {subscription:?}");
                 let reason = reason.map(|r| DeadLetterReason::from(r) as i32);
+                let replacement = replace.replacement().await?;
+                ids.extend(id.clone());
                 // Empty ids mean all: one call. Otherwise at most 1000 per call.
                 let chunks: Vec<Vec<String>> = if ids.is_empty() {
                     vec![Vec::new()]
@@ -132,6 +213,7 @@ impl DlqArgs {
                             subscription: subscription.clone(),
                             message_ids,
                             reason,
+                            replacement: replacement.clone(),
                         })
                         .await
                         .map_err(|e| s.fail(&what, e))?
@@ -142,8 +224,14 @@ impl DlqArgs {
                     s.out
                         .json_line(&json!({"subscription": subscription, "redriven": redriven}))?;
                 } else {
+                    let which = match &id {
+                        Some(id) if redriven > 0 => {
+                            format!(" (message {id}{})", replace.describe())
+                        }
+                        _ => String::new(),
+                    };
                     s.out.line(format_args!(
-                        "redrove {} of {subscription:?}",
+                        "redrove {} of {subscription:?}{which}",
                         count(redriven, "dead letter")
                     ))?;
                 }
@@ -274,7 +362,9 @@ mod tests {
             DlqCommand::Redrive {
                 subscription: "s".into(),
                 ids: vec!["1".into(), "2".into(), "3".into()],
+                id: None,
                 reason: Some(Reason::AttemptsExhausted),
+                replace: ReplaceArgs::default(),
             }
         );
         assert_eq!(
@@ -282,7 +372,9 @@ mod tests {
             DlqCommand::Redrive {
                 subscription: "s".into(),
                 ids: vec![],
-                reason: None
+                id: None,
+                reason: None,
+                replace: ReplaceArgs::default(),
             }
         );
         assert_eq!(
@@ -292,11 +384,49 @@ mod tests {
             }
         );
         assert_eq!(
-            parse(&["redrive", "s", "--reason", "lost"])
-                .unwrap_err()
-                .exit_code(),
-            2
+            parse(&[
+                "redrive",
+                "s",
+                "--id",
+                "17",
+                "--data-file",
+                "fixed.json",
+                "--attr",
+                "k=v"
+            ])
+            .unwrap(),
+            DlqCommand::Redrive {
+                subscription: "s".into(),
+                ids: vec![],
+                id: Some("17".into()),
+                reason: None,
+                replace: ReplaceArgs {
+                    data_file: Some("fixed.json".into()),
+                    attrs: vec![("k".into(), "v".into())],
+                    ..ReplaceArgs::default()
+                },
+            }
         );
+        for argv in [
+            &["redrive", "s", "--reason", "lost"][..],
+            // A replacement needs the one id it applies to.
+            &["redrive", "s", "--data", "x"],
+            &["redrive", "s", "--ids", "1,2", "--data", "x"],
+            &["redrive", "s", "--id", "1", "--ids", "2"],
+            &[
+                "redrive",
+                "s",
+                "--id",
+                "1",
+                "--data",
+                "x",
+                "--data-file",
+                "f",
+            ],
+            &["redrive", "s", "--id", "1", "--attr", "k=v", "--no-attrs"],
+        ] {
+            assert_eq!(parse(argv).unwrap_err().exit_code(), 2, "{argv:?}");
+        }
     }
 
     #[test]

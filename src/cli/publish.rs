@@ -119,7 +119,7 @@ impl PublishArgs {
     }
 }
 
-async fn read_file(path: &PathBuf) -> anyhow::Result<Bytes> {
+pub(super) async fn read_file(path: &PathBuf) -> anyhow::Result<Bytes> {
     if path.as_os_str() == "-" {
         let mut buf = Vec::new();
         tokio::io::stdin()

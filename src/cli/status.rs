@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use super::conn::Conn;
 use super::output::{bytes_human, count, ms_human, reason_name, state_name, time_human, time_json};
 use crate::api::pb::v1::{
-    GetBrokerStatsRequest, GetMessageStatusRequest, MessageState, MessageStatus,
+    GetBrokerStatsRequest, GetMessageStatusRequest, MessageState, MessageStatus, Redrive,
     SubscriptionMessageStatus,
 };
 
@@ -104,6 +104,7 @@ pub fn status_json(topic: &str, status: &MessageStatus) -> Value {
                 "delivery_attempt": counted.then_some(sub.delivery_attempt),
                 "last_nack_reason": nacked.then(|| sub.last_nack_reason.clone()),
                 "last_nack_attempt": nacked.then_some(sub.last_nack_attempt),
+                "redrive": redrive_name(sub.redrive),
                 "lease_deadline": time_json(&sub.lease_deadline),
                 "dead_letter_reason": dead.then(|| reason_name(sub.dead_letter_reason)),
                 "dead_letter_reason_text": dead.then(|| sub.dead_letter_reason_text.clone()),
@@ -122,7 +123,34 @@ fn state_human(state: i32) -> String {
     state_name(state).replace('-', " ")
 }
 
+/// `None`, `"unchanged"` or `"replaced"`.
+fn redrive_name(redrive: i32) -> Option<&'static str> {
+    match Redrive::try_from(redrive) {
+        Ok(Redrive::Unchanged) => Some("unchanged"),
+        Ok(Redrive::Replaced) => Some("replaced"),
+        _ => None,
+    }
+}
+
 fn detail_human(sub: &SubscriptionMessageStatus) -> String {
+    let detail = nack_detail(sub);
+    match redrive_name(sub.redrive) {
+        None => detail,
+        Some(how) => {
+            let redriven = match how {
+                "replaced" => "redriven with replaced content",
+                _ => "redriven",
+            };
+            if detail == "-" {
+                redriven.to_string()
+            } else {
+                format!("{redriven}; {detail}")
+            }
+        }
+    }
+}
+
+fn nack_detail(sub: &SubscriptionMessageStatus) -> String {
     let detail = state_detail(sub);
     if sub.last_nack_reason.is_empty()
         || sub.state == MessageState::DeadLettered as i32
@@ -274,6 +302,11 @@ mod tests {
                 "1 delivery attempt failed; the last one was nacked: upstream 503".into(),
             ..nacked
         };
+        let redriven = SubscriptionMessageStatus {
+            redrive: Redrive::Replaced as i32,
+            ..sub(MessageState::Pending, 0)
+        };
+        assert_eq!(detail_human(&redriven), "redriven with replaced content");
         assert_eq!(
             detail_human(&dead),
             "attempts-exhausted: 1 delivery attempt failed; the last one was nacked: upstream 503 (after 1 attempt)"

@@ -29,7 +29,7 @@ pub use log::{
     AppendTicket, Appended, Log, LogConfig, LogStats, ReadBatch, ReadLimits, RecoveryReport,
     SharedMemory,
 };
-pub use record::{Attribute, NewRecord, Record};
+pub use record::{Attribute, NewRecord, Record, Target};
 
 use std::fmt;
 use std::str::FromStr;

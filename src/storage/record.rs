@@ -22,7 +22,30 @@ pub const FRAME_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Fixed part of the body: offset, time, message id, flags.
 const BODY_FIXED_BYTES: usize = 8 + 8 + 8 + 1;
 const FLAG_TARGET: u8 = 1;
-const FLAGS_KNOWN: u8 = FLAG_TARGET;
+/// Only with [`FLAG_TARGET`]: see [`Target::replaced`].
+const FLAG_REPLACED: u8 = 2;
+const FLAGS_KNOWN: u8 = FLAG_TARGET | FLAG_REPLACED;
+
+/// The one subscription a record is for, instead of every subscription of
+/// its topic: a dead letter redriven into its subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    /// Id of the subscription.
+    pub subscription: u64,
+    /// The operator replaced the dead letter's data or attributes when
+    /// redriving it.
+    pub replaced: bool,
+}
+
+impl Target {
+    /// A plain redrive into `subscription`.
+    pub fn redrive(subscription: u64) -> Self {
+        Self {
+            subscription,
+            replaced: false,
+        }
+    }
+}
 
 /// One attribute of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,9 +61,9 @@ pub struct NewRecord {
     /// Message id to store; `None` means "the record's own offset", which is
     /// what a fresh publish uses. A redriven message keeps its original id.
     pub message_id: Option<u64>,
-    /// If set, only the subscription with this id should receive the record
-    /// (used to redrive a dead letter into one subscription).
-    pub target: Option<u64>,
+    /// If set, only this subscription should receive the record (used to
+    /// redrive a dead letter into one subscription).
+    pub target: Option<Target>,
     pub attributes: Vec<Attribute>,
     pub ordering_key: Bytes,
     pub payload: Bytes,
@@ -54,7 +77,7 @@ pub struct Record {
     /// within a log.
     pub publish_time_us: u64,
     pub message_id: u64,
-    pub target: Option<u64>,
+    pub target: Option<Target>,
     pub attributes: Vec<Attribute>,
     pub ordering_key: Bytes,
     pub payload: Bytes,
@@ -149,8 +172,9 @@ pub fn encode(out: &mut BytesMut, record: &NewRecord, offset: Offset, publish_ti
     out.put_u64_le(record.message_id.unwrap_or(offset.0));
     match record.target {
         Some(target) => {
-            out.put_u8(FLAG_TARGET);
-            out.put_u64_le(target);
+            let replaced = if target.replaced { FLAG_REPLACED } else { 0 };
+            out.put_u8(FLAG_TARGET | replaced);
+            out.put_u64_le(target.subscription);
         }
         None => out.put_u8(0),
     }
@@ -278,7 +302,12 @@ fn decode_body(body: &Bytes) -> Option<Record> {
         return None;
     }
     let target = if flags & FLAG_TARGET != 0 {
-        Some(r.u64()?)
+        Some(Target {
+            subscription: r.u64()?,
+            replaced: flags & FLAG_REPLACED != 0,
+        })
+    } else if flags & FLAG_REPLACED != 0 {
+        return None;
     } else {
         None
     };
@@ -316,7 +345,10 @@ mod tests {
     fn sample() -> NewRecord {
         NewRecord {
             message_id: None,
-            target: Some(7),
+            target: Some(Target {
+                subscription: 7,
+                replaced: true,
+            }),
             attributes: vec![Attribute {
                 key: Bytes::from_static(b"k"),
                 value: Bytes::from_static(b"value"),
@@ -337,7 +369,7 @@ mod tests {
         assert_eq!(len, buf.len());
         assert_eq!(got.offset, Offset(42));
         assert_eq!(got.message_id, 42);
-        assert_eq!(got.target, Some(7));
+        assert_eq!(got.target, rec.target);
         assert_eq!(got.attributes, rec.attributes);
         assert_eq!(got.ordering_key, rec.ordering_key);
         assert_eq!(got.payload, rec.payload);
