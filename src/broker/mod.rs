@@ -9,7 +9,7 @@
 //! - redrive.rs: redrive (with a replacement) and purge dead letters.
 //! - status.rs: a message's status, broker stats, logs that cannot write.
 //! - topic.rs: [`Topic`], a definition plus its one [`Log`].
-//! - subscription.rs: [`Subscription`], a cursor plus ack state over the
+//! - subscription/: [`Subscription`], a cursor plus ack state over the
 //!   topic's log: leasing, acks, nacks, deadlines, dead-lettering.
 //! - dead_letter.rs: how dead letters are stored and decoded.
 //! - ack_id.rs: opaque ack ids, bound to their subscription by a keyed tag.

@@ -1,5 +1,10 @@
 //! A subscription: a cursor plus ack state over its topic's one log.
 //!
+//! - mod.rs: leasing, acks, nacks, deadlines, expiry (`tick`), purge.
+//! - dead_lettering.rs: moving messages to the dead-letter log, listing
+//!   and removing its entries.
+//! - status.rs: figures and one message's state.
+//!
 //! Invariants (held under `Subscription::core`):
 //! - Every offset below `cursor` that is not settled is in exactly one of
 //!   `leases` (delivered, awaiting ack), `ready` (waiting for redelivery)
@@ -18,6 +23,9 @@
 //!   (`dead_letter_due`, handled by `tick`) when it would be delivered
 //!   again, never handed out.
 
+mod dead_lettering;
+mod status;
+
 use std::collections::BTreeSet;
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
@@ -29,18 +37,16 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
 use crate::broker::ack_id::{AckId, AckKey};
-use crate::broker::dead_letter::{
-    self, DeadLetter, DeadLetterLog, DeadLetterMeta, DeadLetterReason, Redrive,
-};
+use crate::broker::dead_letter::{DeadLetterLog, DeadLetterReason};
 use crate::broker::error::{BrokerError, Result};
 use crate::broker::memory::NoteLedger;
-use crate::broker::retry::{Failure, exhausted_text, retry_delay, with_nack_reason};
+use crate::broker::retry::{Failure, exhausted_text, retry_delay};
 use crate::broker::topic::Topic;
 use crate::storage::meta::{RetryPolicy, SubscriptionDef};
 use crate::storage::state::{
     NACK_NOTE_OVERHEAD_BYTES, NackNote, StateEntry, StateJournal, SubscriptionState,
 };
-use crate::storage::{AppendTicket, Log, NewRecord, Offset, ReadLimits, Record, StorageError};
+use crate::storage::{AppendTicket, Log, Offset, ReadLimits, Record, StorageError};
 
 /// Identifies the consumer holding a lease: a StreamingPull stream, or
 /// [`PULL_CONSUMER`] for unary Pull.
@@ -1233,167 +1239,6 @@ impl Subscription {
         }
     }
 
-    /// Moves messages to the dead-letter log, then settles them. On error
-    /// the messages go back to the redelivery queue.
-    async fn dead_letter(&self, items: Vec<(u64, DeadLetterReason, String)>) -> Result<()> {
-        if items.is_empty() {
-            return Ok(());
-        }
-        let def = self.def();
-        let mut records = Vec::with_capacity(items.len());
-        let mut offsets = Vec::with_capacity(items.len());
-        let mut forward = Vec::new();
-        let mut not_yet_durable = Vec::new();
-        let mut unreadable = Vec::new();
-        // What to try again if the dead-letter log cannot take them.
-        let mut retry = Vec::new();
-        for (offset, reason, text) in items {
-            let (attempts, last_nack) = {
-                let core = self.core.lock();
-                let attempts = core.state.attempts.get(&offset).copied();
-                (attempts, core.state.nack_note(offset).cloned())
-            };
-            if offset >= self.topic.log.next_offset().0 {
-                // A lease that expired before its record was durable:
-                // retry the delivery instead.
-                not_yet_durable.push(offset);
-                continue;
-            }
-            let message = match self.read_one(offset) {
-                Ok(Some(message)) => message,
-                Ok(None) => {
-                    tracing::warn!(subscription = %def.name, offset, "message to dead-letter is no longer retained");
-                    offsets.push(offset);
-                    continue;
-                }
-                Err(StorageError::Corrupt { path, detail, .. }) => {
-                    tracing::error!(subscription = %def.name, path = %path.display(), offset, detail, "message to dead-letter is corrupt; settled without a dead letter");
-                    offsets.push(offset);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(subscription = %def.name, offset, error = %e, "cannot read a message to dead-letter; retrying later");
-                    unreadable.push(DueDeadLetter {
-                        offset,
-                        reason,
-                        text,
-                        not_before: Instant::now() + READ_RETRY_AFTER,
-                    });
-                    continue;
-                }
-            };
-            retry.push(DueDeadLetter {
-                offset,
-                reason,
-                text: text.clone(),
-                not_before: Instant::now() + DEAD_LETTER_RETRY_AFTER,
-            });
-            let reason_text = match reason {
-                DeadLetterReason::AttemptsExhausted => {
-                    let count = attempts.map_or(0, |a| a.count);
-                    with_nack_reason(text, count, last_nack.as_ref())
-                }
-                DeadLetterReason::Rejected => text,
-            };
-            let meta = DeadLetterMeta {
-                reason,
-                reason_text,
-                delivery_attempts: attempts.map_or(0, |a| a.count),
-                first_delivery_us: attempts.map_or(0, |a| a.first_delivery_us),
-                last_delivery_us: attempts.map_or(0, |a| a.last_delivery_us),
-                topic: def.topic.clone(),
-                last_nack,
-                redrive: Redrive::of(&message),
-            };
-            records.push(NewRecord {
-                message_id: Some(message.message_id),
-                target: None,
-                attributes: message.attributes.clone(),
-                ordering_key: message.ordering_key.clone(),
-                payload: dead_letter::encode_payload(&meta, &message),
-            });
-            forward.push(message);
-            offsets.push(offset);
-        }
-        if !not_yet_durable.is_empty() || !unreadable.is_empty() {
-            let mut core = self.core.lock();
-            let now = Instant::now();
-            for o in not_yet_durable {
-                core.dead_lettering.remove(&o);
-                core.schedule(o, now);
-            }
-            // Still being dead-lettered: `tick` tries again.
-            core.dead_letter_due.extend(unreadable);
-        }
-        if offsets.is_empty() {
-            return Ok(()); // everything went back to the redelivery queue
-        }
-        let appended = if records.is_empty() {
-            Ok(())
-        } else {
-            match self.dlq.get_or_create() {
-                Ok(log) => log.append(&records).await.map(|_| ()),
-                Err(e) => Err(e),
-            }
-        };
-        let ticket = {
-            let mut core = self.core.lock();
-            for o in &offsets {
-                core.dead_lettering.remove(o);
-            }
-            if let Err(e) = appended {
-                // Still being dead-lettered (never delivered again):
-                // `tick` tries again in a while. Messages that turned out
-                // gone or corrupt are settled all the same.
-                for d in &retry {
-                    core.dead_lettering.insert(d.offset);
-                }
-                let retried: HashSet<u64> = retry.iter().map(|d| d.offset).collect();
-                core.dead_letter_due.extend(retry);
-                let gone: Vec<u64> = offsets
-                    .iter()
-                    .copied()
-                    .filter(|o| !retried.contains(o))
-                    .collect();
-                if !gone.is_empty() {
-                    let ranges = core.settle(&gone);
-                    let _ = self
-                        .journal
-                        .enqueue(self.id(), &[StateEntry::Settled { ranges }]);
-                }
-                return Err(e.into());
-            }
-            let ranges = core.settle(&offsets);
-            self.journal
-                .enqueue(self.id(), &[StateEntry::Settled { ranges }])?
-        };
-        ticket.wait().await?;
-        if let Some(topic) = def
-            .dead_letter
-            .as_ref()
-            .and_then(|p| p.forward_topic.clone())
-        {
-            if let Some(target) = self.topic.broker_topic(&topic) {
-                let copies: Vec<NewRecord> = forward
-                    .into_iter()
-                    .map(|m| NewRecord {
-                        message_id: None,
-                        target: None,
-                        attributes: m.attributes,
-                        ordering_key: m.ordering_key,
-                        payload: m.payload,
-                    })
-                    .collect();
-                if let Err(e) = target.log.append(&copies).await {
-                    tracing::error!(subscription = %def.name, forward_topic = %topic, error = %e, "forwarding dead letters failed");
-                }
-            } else {
-                tracing::warn!(subscription = %def.name, forward_topic = %topic, "dead-letter forward topic does not exist");
-            }
-        }
-        Ok(())
-    }
-
     /// Settles every message published so far.
     pub async fn purge(&self) -> Result<u64> {
         let next = self.topic.log.next_offset().0;
@@ -1460,247 +1305,6 @@ impl Subscription {
             total,
             "retention removed messages this subscription had not acknowledged or dead-lettered"
         );
-    }
-
-    /// Figures for the stats RPC.
-    pub fn stats(&self) -> SubscriptionStats {
-        let next = self.topic.log.next_offset().0;
-        let (floor, backlog, in_flight, dlq_floor, dlq_removed, dropped) = {
-            let core = self.core.lock();
-            (
-                core.state.settled.floor(),
-                self.backlog_messages(&core, next),
-                core.leases.len() as u64,
-                core.state.dlq_removed.floor(),
-                core.state.dlq_removed.count_above_floor(),
-                core.state.dropped_by_retention,
-            )
-        };
-        let oldest = if floor < next {
-            self.read_one(floor)
-                .ok()
-                .flatten()
-                .map(|r| now_us().saturating_sub(r.publish_time_us) / 1000)
-        } else {
-            None
-        };
-        SubscriptionStats {
-            backlog_messages: backlog,
-            backlog_bytes: if backlog == 0 {
-                0
-            } else {
-                self.topic.log.bytes_from(Offset(floor))
-            },
-            in_flight_messages: in_flight,
-            dead_lettered_messages: self
-                .dlq
-                .next_offset()
-                .0
-                .saturating_sub(dlq_floor)
-                .saturating_sub(dlq_removed),
-            oldest_unacked_age_ms: oldest,
-            ack_floor: floor,
-            dropped_by_retention: dropped,
-        }
-    }
-
-    /// In flight or pending, if the record at `offset` is unsettled.
-    fn unsettled_state(core: &Core, offset: u64) -> Option<MessageState> {
-        let last_nack = core.state.nack_note(offset).cloned();
-        if let Some(lease) = core.leases.get(&offset) {
-            return Some(MessageState::InFlight {
-                attempt: lease.attempt,
-                deadline_us: instant_to_unix_us(lease.deadline),
-                last_nack,
-            });
-        }
-        (!core.state.settled.contains(offset)).then(|| MessageState::Pending {
-            attempts: core.attempts(offset),
-            last_nack,
-        })
-    }
-
-    /// Where message `message_id` (first published at that offset) is for
-    /// this subscription: the original record's state, else a dead letter,
-    /// else a redriven copy still waiting, else acked.
-    pub fn message_state(&self, message_id: u64) -> Result<(MessageState, Option<Redrive>)> {
-        if message_id < self.def.read().start_offset {
-            return Ok((MessageState::NotSubscribed, None));
-        }
-        if let Some(state) = Self::unsettled_state(&self.core.lock(), message_id) {
-            return Ok((state, None));
-        }
-        let mut from = Offset(0);
-        loop {
-            let (page, next) = self.dead_letters(from, DEAD_LETTER_SCAN_PAGE)?;
-            if let Some(dl) = page
-                .into_iter()
-                .find(|dl| dl.message.message_id == message_id)
-            {
-                let state = MessageState::DeadLettered {
-                    reason: dl.reason,
-                    reason_text: dl.reason_text,
-                    attempts: dl.delivery_attempts,
-                    last_nack: dl.last_nack,
-                };
-                return Ok((state, dl.redrive));
-            }
-            match next {
-                Some(n) => from = n,
-                None => break,
-            }
-        }
-        // A redriven copy lives at a later offset, unsettled, within the
-        // unacked window above the floor (or just past it).
-        let (floor, my_id) = (self.ack_floor().0, self.id());
-        let end = self
-            .topic
-            .log
-            .next_offset()
-            .0
-            .min(floor.saturating_add(self.window_max));
-        let mut at = Offset(floor);
-        while at.0 < end {
-            let batch = match self.topic.log.read(
-                at,
-                ReadLimits {
-                    records_max: 1000,
-                    bytes_max: 4 << 20,
-                },
-            ) {
-                Ok(b) => b,
-                Err(StorageError::Corrupt { next_readable, .. }) => {
-                    at = next_readable;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if batch.records.is_empty() {
-                break;
-            }
-            for r in batch.records.iter().filter(|r| r.offset.0 < end) {
-                if r.target.is_some_and(|t| t.subscription == my_id) && r.message_id == message_id {
-                    if let Some(state) = Self::unsettled_state(&self.core.lock(), r.offset.0) {
-                        return Ok((state, Redrive::of(r)));
-                    }
-                }
-            }
-            at = batch.next;
-        }
-        Ok((MessageState::Acked, None))
-    }
-
-    /// Live dead letters from dead-letter offset `from`, up to `max`.
-    /// Returns them and the offset to continue from, if there are more.
-    /// The page token that continues a dead-letter listing at `offset`.
-    pub fn dead_letter_page_token(&self, offset: Offset) -> String {
-        self.ack_key.page_token(self.id(), offset.0)
-    }
-
-    /// Where a dead-letter listing goes on, from a token
-    /// [`Subscription::dead_letter_page_token`] issued; `None` if this
-    /// subscription did not issue it.
-    pub fn dead_letter_page_from(&self, token: &str) -> Option<Offset> {
-        self.ack_key.parse_page_token(self.id(), token).map(Offset)
-    }
-
-    pub fn dead_letters(
-        &self,
-        from: Offset,
-        max: usize,
-    ) -> Result<(Vec<DeadLetter>, Option<Offset>)> {
-        let Some(dlq) = self.dlq.existing()? else {
-            return Ok((Vec::new(), None));
-        };
-        let removed = self.core.lock().state.dlq_removed.clone();
-        let mut out = Vec::new();
-        let mut from = from.max(Offset(removed.floor()));
-        loop {
-            let batch = match dlq.read(
-                from,
-                ReadLimits {
-                    records_max: 1000,
-                    bytes_max: 4 << 20,
-                },
-            ) {
-                Ok(b) => b,
-                Err(StorageError::Corrupt { next_readable, .. }) => {
-                    from = next_readable;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if batch.records.is_empty() {
-                return Ok((out, None));
-            }
-            for record in &batch.records {
-                if removed.contains(record.offset.0) {
-                    continue;
-                }
-                if out.len() >= max {
-                    return Ok((out, Some(record.offset)));
-                }
-                match dead_letter::decode(record) {
-                    Some(dl) => out.push(dl),
-                    None => {
-                        tracing::error!(subscription = %self.name(), offset = %record.offset, "undecodable dead letter skipped")
-                    }
-                }
-            }
-            from = batch.next;
-        }
-    }
-
-    /// Durably marks dead-letter offsets as removed.
-    pub(crate) async fn remove_dead_letters(&self, offsets: Vec<u64>) -> Result<()> {
-        if offsets.is_empty() {
-            return Ok(());
-        }
-        let ticket = {
-            let mut core = self.core.lock();
-            let ranges = ranges_of(offsets);
-            let entry = StateEntry::DlqRemoved { ranges };
-            core.state.apply(&entry);
-            self.journal.enqueue(self.id(), &[entry])?
-        };
-        ticket.wait().await?;
-        Ok(())
-    }
-
-    /// On open: settles every message that has a live dead letter but is
-    /// not yet settled (a crash came between the two steps).
-    pub(crate) async fn reconcile_dead_letters(&self) -> Result<u64> {
-        let mut fixed = 0;
-        let mut from = Offset(0);
-        loop {
-            let (page, next) = self.dead_letters(from, DEAD_LETTER_SCAN_PAGE)?;
-            let unsettled: Vec<u64> = {
-                let core = self.core.lock();
-                page.iter()
-                    .map(|d| d.source_offset.0)
-                    .filter(|o| !core.state.settled.contains(*o))
-                    .collect()
-            };
-            if !unsettled.is_empty() {
-                fixed += unsettled.len() as u64;
-                let ticket = {
-                    let mut core = self.core.lock();
-                    let ranges = core.settle(&unsettled);
-                    self.journal
-                        .enqueue(self.id(), &[StateEntry::Settled { ranges }])?
-                };
-                ticket.wait().await?;
-            }
-            match next {
-                Some(n) => from = n,
-                None => return Ok(fixed),
-            }
-        }
-    }
-
-    /// Dead-letter log offset below which every entry is removed.
-    pub(crate) fn dlq_floor(&self) -> Offset {
-        Offset(self.core.lock().state.dlq_removed.floor())
     }
 
     /// Journals the full state (compaction). The returned ticket resolves
