@@ -1,6 +1,6 @@
 //! Durable storage: everything Courier keeps on disk passes through here.
 //!
-//! - [`Log`] (log.rs): an append-only log split into segment files
+//! - [`Log`] (log/): an append-only log split into segment files
 //!   (segment.rs) of CRC-framed records (record.rs), with group commit,
 //!   sparse offset and time indexes, a tail cache (cache.rs, with the
 //!   budget all logs' caches share), recovery and retention.

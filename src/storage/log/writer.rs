@@ -1,0 +1,416 @@
+//! The log's writer thread: it takes the pending buffer, writes it (rolling
+//! segments), syncs under the fsync mode, completes the appends, and on a
+//! failed write or sync rewinds the log to a state it can account for
+//! (steps 2–4 of the write path in mod.rs).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::{Mark, PendingBatch, RECOVER_EVERY, Segment, Shared, create_segment};
+use crate::storage::error::{Result, StorageError};
+use crate::storage::record;
+use crate::storage::segment::{self, SEGMENT_HEADER_BYTES, index_file_name};
+use crate::storage::{FsyncMode, Offset};
+
+impl Shared {
+    pub(super) fn close_and_join(&self, thread: &Mutex<Option<std::thread::JoinHandle<()>>>) {
+        self.pending.lock().closed = true;
+        self.wake.notify_all();
+        if self.space_owned {
+            self.space.close();
+        }
+        if let Some(handle) = thread.lock().take() {
+            let _ = handle.join();
+        }
+        // Wake anyone still waiting for visibility after the last write.
+        self.visible_tx.send_modify(|_| {});
+    }
+
+    pub(super) fn active(&self) -> Arc<Segment> {
+        self.segments
+            .read()
+            .last()
+            .expect("a log always has an active segment")
+            .clone()
+    }
+
+    /// The log's state now.
+    pub(super) fn mark(&self) -> Mark {
+        let segments = self.segments.read();
+        Mark::of(
+            segments.len(),
+            &segments.last().expect("an active segment").state.read(),
+        )
+    }
+
+    /// Fails `batches` and everything queued behind them with `err`, and
+    /// rewinds the log to `to`. Returns false if the rewind failed too (the
+    /// log is then failed until [`Shared::recover`] works).
+    pub(super) fn rewind(
+        &self,
+        to: Mark,
+        err: &StorageError,
+        mut batches: Vec<PendingBatch>,
+    ) -> bool {
+        *self.write_error.lock() = Some(err.to_string());
+        {
+            let mut pending = self.pending.lock();
+            batches.append(&mut pending.batches);
+            pending.buf.clear();
+            pending.urgent = false;
+            pending.deferred_since = None;
+            // Offsets of the failed batches are handed out again.
+            pending.next_offset = to.next;
+        }
+        // Rewind (or fail) before anyone hears of the error, so an append
+        // made in reaction to it sees the log as it now is.
+        let rewound = match self.undo_to(to) {
+            Ok(()) => true,
+            Err(undo) => {
+                tracing::error!(dir = %self.dir.display(), error = %undo, "cannot rewind the log; it refuses appends until a rewind works");
+                self.fail(&undo);
+                false
+            }
+        };
+        for batch in batches {
+            let _ = batch.done.send(Err(err.clone()));
+        }
+        rewound
+    }
+
+    /// Cuts the files back to `to` and syncs them, then moves the written
+    /// and visible offsets back and tells readers (`rewinds`).
+    pub(super) fn undo_to(&self, to: Mark) -> Result<()> {
+        let extra: Vec<Arc<Segment>> = {
+            let mut segments = self.segments.write();
+            let keep = to.segments.min(segments.len());
+            segments.drain(keep..).collect()
+        };
+        let active = self.active();
+        let io = |e| StorageError::io(&active.path, e);
+        if !extra.is_empty() {
+            for seg in &extra {
+                let _ = self
+                    .fs
+                    .remove_file(&self.dir.join(index_file_name(seg.base)));
+                if let Err(e) = self.fs.remove_file(&seg.path) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        // Keep the list whole: the next try removes it.
+                        let mut segments = self.segments.write();
+                        segments.extend(extra.iter().cloned());
+                        return Err(StorageError::io(&seg.path, e));
+                    }
+                }
+            }
+            // The roll sealed the segment that is active again.
+            let _ = self
+                .fs
+                .remove_file(&self.dir.join(index_file_name(active.base)));
+            self.fs
+                .sync_dir(&self.dir)
+                .map_err(|e| StorageError::io(&self.dir, e))?;
+        }
+        active.file()?.truncate(to.len).map_err(io)?;
+        active.sync_data()?;
+        {
+            let mut st = active.state.write();
+            st.len = to.len;
+            st.next = to.next;
+            st.index.truncate(to.index_entries);
+            st.max_time_us = to.max_time_us;
+        }
+        *self.synced.lock() = to;
+        self.cache.drop_from(to.next);
+        self.rewinds.fetch_add(1, Ordering::AcqRel);
+        // Still under the write lock: nothing is written at `to.next` before
+        // the listener has forgotten what it knew about those offsets.
+        let listener = self.rewind_listener.lock().0.clone();
+        if let Some(listener) = listener {
+            listener(to.next);
+        }
+        if self.written_next.load(Ordering::Acquire) > to.next.0 {
+            self.written_next.store(to.next.0, Ordering::Release);
+            self.written_tx.send_replace(to.next);
+        }
+        if self.visible_next.load(Ordering::Acquire) > to.next.0 {
+            self.visible_next.store(to.next.0, Ordering::Release);
+        }
+        // Wake everyone waiting for visibility: it will not come for the
+        // offsets that were cut.
+        self.visible_tx.send_modify(|_| {});
+        Ok(())
+    }
+
+    /// A failed log tries its rewind again; on success it takes appends.
+    pub(super) fn recover(&self) -> bool {
+        let to = *self.synced.lock();
+        match self.undo_to(to) {
+            Ok(()) => {
+                let mut pending = self.pending.lock();
+                pending.failed = None;
+                pending.next_offset = to.next;
+                tracing::warn!(dir = %self.dir.display(), next = %to.next, "log recovered: rewound to its last synced state, appends accepted again");
+                true
+            }
+            Err(e) => {
+                tracing::debug!(dir = %self.dir.display(), error = %e, "log still cannot be rewound");
+                false
+            }
+        }
+    }
+
+    pub(super) fn fail(&self, err: &StorageError) {
+        {
+            let mut pending = self.pending.lock();
+            pending.failed.get_or_insert_with(|| err.to_string());
+            for batch in pending.batches.drain(..) {
+                let _ = batch.done.send(Err(err.clone()));
+            }
+            pending.buf.clear();
+        }
+        // Wake everyone waiting for visibility: it will not come.
+        self.visible_tx.send_modify(|_| {});
+    }
+}
+
+/// The writer thread: takes pending batches, writes, syncs, completes.
+pub(super) fn writer_loop(shared: &Shared) {
+    let interval = match shared.config.fsync {
+        FsyncMode::Interval(ms) => Some(Duration::from_millis(ms.max(1))),
+        _ => None,
+    };
+    let mut unsynced = false;
+    let mut last_sync = Instant::now();
+    loop {
+        {
+            let mut pending = shared.pending.lock();
+            loop {
+                if pending.urgent || pending.closed || pending.failed.is_some() {
+                    break;
+                }
+                let deferred = pending
+                    .deferred_since
+                    .map(|since| since + shared.config.defer_max);
+                let sync = match interval {
+                    Some(every) if unsynced => Some(last_sync + every),
+                    _ => None,
+                };
+                match deferred.into_iter().chain(sync).min() {
+                    Some(deadline) => {
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        shared.wake.wait_until(&mut pending, deadline);
+                    }
+                    None => shared.wake.wait(&mut pending),
+                }
+            }
+            if pending.failed.is_some() {
+                if pending.closed {
+                    return;
+                }
+                shared.wake.wait_for(&mut pending, RECOVER_EVERY);
+                if pending.failed.is_none() || pending.closed {
+                    continue;
+                }
+                drop(pending);
+                let _writing = shared.write_lock.lock();
+                shared.recover();
+                continue;
+            }
+            if pending.batches.is_empty() && pending.closed {
+                drop(pending);
+                let _writing = shared.write_lock.lock();
+                if unsynced || shared.config.fsync == FsyncMode::Never {
+                    let active = shared.active();
+                    if let Err(e) = active.sync_data() {
+                        tracing::error!(error = %e, "final sync failed");
+                    }
+                }
+                return;
+            }
+            if !pending.batches.is_empty() {
+                drop(pending);
+                // Take the batches under the write lock, so an inline
+                // writer cannot write later batches before these.
+                let writing = shared.write_lock.lock();
+                let (buf, batches, roll) = shared.pending.lock().take();
+                if batches.is_empty() {
+                    // An inline writer took them first.
+                    continue;
+                }
+                let sync = shared.config.fsync == FsyncMode::Always
+                    || interval.is_some_and(|every| last_sync.elapsed() >= every);
+                let written = complete_write(shared, buf, batches, roll, sync);
+                drop(writing);
+                if !written {
+                    continue; // failed: the loop above retries the rewind
+                }
+                if sync {
+                    unsynced = false;
+                    last_sync = Instant::now();
+                } else {
+                    unsynced = true;
+                }
+                continue;
+            }
+        }
+        // Interval sync with nothing new queued.
+        let _writing = shared.write_lock.lock();
+        if let Err(err) = shared.active().sync_data() {
+            tracing::error!(error = %err, "fdatasync failed; rewinding to the last successful one");
+            let synced = *shared.synced.lock();
+            shared.rewind(synced, &err, Vec::new());
+        } else {
+            *shared.synced.lock() = shared.mark();
+        }
+        unsynced = false;
+        last_sync = Instant::now();
+    }
+}
+
+/// Writes taken batches, syncs them if `sync`, makes them visible and
+/// completes them. On a failed write or sync the batches fail and the log
+/// rewinds (see the module docs). Returns false if the log is failed. The
+/// caller holds the write lock.
+pub(super) fn complete_write(
+    shared: &Shared,
+    buf: Bytes,
+    batches: Vec<PendingBatch>,
+    roll: bool,
+    sync: bool,
+) -> bool {
+    let before = shared.mark();
+    if let Err(err) = write_batches(shared, &buf, &batches, roll) {
+        tracing::error!(dir = %shared.dir.display(), error = %err, "log write failed; rewinding to before it");
+        return shared.rewind(before, &err, batches);
+    }
+    let last = batches.last().expect("non-empty").appended.last_offset;
+    let first = batches[0].appended.base_offset;
+    shared.cache.push(first, Offset(last.0 + 1), buf);
+    shared.written_next.store(last.0 + 1, Ordering::Release);
+    shared.written_tx.send_replace(Offset(last.0 + 1));
+    if sync {
+        if let Err(err) = shared.active().sync_data() {
+            tracing::error!(error = %err, "fdatasync failed; rewinding to the last successful one");
+            let synced = *shared.synced.lock();
+            return shared.rewind(synced, &err, batches);
+        }
+        *shared.synced.lock() = shared.mark();
+    }
+    shared.visible_next.store(last.0 + 1, Ordering::Release);
+    shared.visible_tx.send_replace(Offset(last.0 + 1));
+    for batch in batches {
+        let _ = batch.done.send(Ok(batch.appended));
+    }
+    if shared.write_error.lock().is_some() {
+        *shared.write_error.lock() = None;
+        tracing::info!(dir = %shared.dir.display(), "log writes again");
+    }
+    true
+}
+
+/// Writes the taken batches: one write per segment touched, rolling first
+/// where a batch would overflow the active segment.
+fn write_batches(
+    shared: &Shared,
+    buf: &Bytes,
+    batches: &[PendingBatch],
+    roll_requested: bool,
+) -> Result<()> {
+    let mut start = 0; // position in buf of the first unwritten batch
+    let mut i = 0;
+    let mut roll = roll_requested;
+    while i < batches.len() {
+        let mut active = shared.active();
+        let active_len = active.state.read().len;
+        let has_records = active_len > SEGMENT_HEADER_BYTES;
+        let first_len = (batches[i].end - start) as u64;
+        if has_records && (roll || active_len + first_len > shared.config.segment_bytes_max) {
+            roll_segment(shared, &active, batches[i].appended.base_offset)?;
+            active = shared.active();
+        }
+        roll = false;
+        // Take as many batches as fit into this segment (at least one).
+        let mut j = i + 1;
+        let mut len = active.state.read().len;
+        len += first_len;
+        while j < batches.len() {
+            let next_len = (batches[j].end - batches[j - 1].end) as u64;
+            if len + next_len > shared.config.segment_bytes_max {
+                break;
+            }
+            len += next_len;
+            j += 1;
+        }
+        let end = batches[j - 1].end;
+        let data = &buf[start..end];
+        let pos = active.state.read().len;
+        active
+            .file()?
+            .write_at(data, pos)
+            .map_err(|e| StorageError::io(&active.path, e))?;
+        // Index the frames just written.
+        let mut st = active.state.write();
+        let mut p = 0;
+        while p < data.len() {
+            let info = record::check_frame(&data[p..]).expect("frames this writer encoded");
+            st.index.observe(
+                active.base,
+                info.offset,
+                pos + p as u64,
+                info.publish_time_us,
+            );
+            st.max_time_us = st.max_time_us.max(info.publish_time_us);
+            p += info.frame_len;
+        }
+        st.len = pos + data.len() as u64;
+        st.next = Offset(batches[j - 1].appended.last_offset.0 + 1);
+        drop(st);
+        start = end;
+        i = j;
+    }
+    Ok(())
+}
+
+/// Seals the active segment (sync, index file) and starts one at `next`.
+fn roll_segment(shared: &Shared, active: &Segment, next: Offset) -> Result<()> {
+    // Sealing syncs in every mode, `never` included: a sealed segment is
+    // complete on disk before the next one exists.
+    active.sync_data()?;
+    let data = {
+        let st = active.state.read();
+        segment::encode_index(
+            st.len,
+            st.next,
+            active.base,
+            st.max_time_us,
+            &st.index.entries,
+        )
+    };
+    segment::write_index(shared.fs.as_ref(), &shared.dir, active.base, &data)?;
+    let seg = create_segment(shared.fs.as_ref(), &shared.dir, next, &shared.config)?;
+    shared
+        .fs
+        .sync_dir(&shared.dir)
+        .map_err(|e| StorageError::io(&shared.dir, e))?;
+    {
+        let mut st = active.state.write();
+        st.index.entries.shrink_to_fit();
+    }
+    let fresh = {
+        let mut segments = shared.segments.write();
+        segments.push(Arc::new(seg));
+        Mark::of(
+            segments.len(),
+            &segments.last().expect("just pushed").state.read(),
+        )
+    };
+    // Everything before the new segment is synced, and so is its header.
+    *shared.synced.lock() = fresh;
+    Ok(())
+}
