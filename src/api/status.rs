@@ -32,7 +32,9 @@ pub fn to_status(err: BrokerError) -> Status {
 
 fn status_of(err: BrokerError) -> Status {
     match err {
-        BrokerError::NotFound { .. } => Status::not_found(err.to_string()),
+        BrokerError::NotFound { .. } | BrokerError::NotFoundBecause { .. } => {
+            Status::not_found(err.to_string())
+        }
         BrokerError::AlreadyExists { .. } => Status::already_exists(err.to_string()),
         BrokerError::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
         BrokerError::ResourceExhausted(_) | BrokerError::TopicFull { .. } => {

@@ -8,6 +8,13 @@ use crate::storage::StorageError;
 pub enum BrokerError {
     #[error("{kind} {name:?} not found")]
     NotFound { kind: &'static str, name: String },
+    /// Not found, and the broker knows why.
+    #[error("{kind} {name:?} not found: {why}")]
+    NotFoundBecause {
+        kind: &'static str,
+        name: String,
+        why: String,
+    },
     #[error("{kind} {name:?} already exists")]
     AlreadyExists { kind: &'static str, name: String },
     /// Bad input; `field` names the offending request field.

@@ -38,7 +38,10 @@ pub(crate) fn with_nack_reason(text: String, attempts: u32, note: Option<&NackNo
         Some(note) if note.attempt == attempts && text.ends_with("was nacked") => {
             format!("{text}: {}", note.text)
         }
-        Some(note) => format!("{text}; attempt {} was nacked: {}", note.attempt, note.text),
+        Some(note) => format!(
+            "{text}; the last reason given (attempt {}): {}",
+            note.attempt, note.text
+        ),
     }
 }
 
@@ -120,11 +123,11 @@ mod tests {
         );
         assert_eq!(
             with_nack_reason(nacked.clone(), 3, Some(&note(1))),
-            "3 delivery attempts failed; the last one was nacked; attempt 1 was nacked: billing timed out"
+            "3 delivery attempts failed; the last one was nacked; the last reason given (attempt 1): billing timed out"
         );
         assert_eq!(
             with_nack_reason(exhausted_text(2, Failure::Expired), 2, Some(&note(1))),
-            "2 delivery attempts failed; the last one expired (its ack deadline passed); attempt 1 was nacked: billing timed out"
+            "2 delivery attempts failed; the last one expired (its ack deadline passed); the last reason given (attempt 1): billing timed out"
         );
         assert_eq!(with_nack_reason(nacked.clone(), 3, None), nacked);
     }

@@ -41,9 +41,10 @@ impl Broker {
         if message_id < topic.log.first_offset().0 {
             // Removed by retention: it is not in the topic any more, and
             // what its subscriptions did with it is not known.
-            return Err(BrokerError::NotFound {
+            return Err(BrokerError::NotFoundBecause {
                 kind: "message",
-                name: format!("{message_id} (removed by retention)"),
+                name: message_id.to_string(),
+                why: "removed by retention".into(),
             });
         }
         let record = topic
@@ -61,10 +62,11 @@ impl Broker {
         if let Some(copy) = record.as_ref().filter(|r| r.message_id != message_id) {
             // The offset holds a redriven dead letter, which keeps its
             // original id: it is not a message of its own.
-            return Err(BrokerError::NotFound {
+            return Err(BrokerError::NotFoundBecause {
                 kind: "message",
-                name: format!(
-                    "{message_id} (offset {message_id} holds a redriven copy of message {}; ask for that id)",
+                name: message_id.to_string(),
+                why: format!(
+                    "offset {message_id} holds a redriven copy of message {}; ask for that id",
                     copy.message_id
                 ),
             });
