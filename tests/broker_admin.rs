@@ -22,6 +22,7 @@ async fn update_subscription_changes_only_the_masked_fields() {
         retry_policy: Some(v1::RetryPolicy {
             min_backoff_ms: 10,
             max_backoff_ms: 20,
+            no_jitter: false,
         }),
         ..Default::default()
     })

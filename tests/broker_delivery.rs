@@ -106,6 +106,7 @@ async fn a_nack_waits_for_the_retry_backoff() {
         retry_policy: Some(v1::RetryPolicy {
             min_backoff_ms: 1000,
             max_backoff_ms: 2000,
+            no_jitter: false,
         }),
         ..Default::default()
     })
@@ -142,6 +143,7 @@ async fn an_expired_lease_and_a_stream_that_ends_wait_for_the_retry_backoff_too(
         retry_policy: Some(v1::RetryPolicy {
             min_backoff_ms: 1000,
             max_backoff_ms: 2000,
+            no_jitter: false,
         }),
         ..Default::default()
     })

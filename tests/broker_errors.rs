@@ -389,7 +389,8 @@ async fn bad_input_gets_a_precise_status_naming_the_field() {
             topic: "t".into(),
             retry_policy: Some(v1::RetryPolicy {
                 min_backoff_ms: 100,
-                max_backoff_ms: 10
+                max_backoff_ms: 10,
+                no_jitter: false,
             }),
             ..Default::default()
         }),

@@ -240,6 +240,7 @@ async fn nack_reasons_stay_within_their_share_and_are_kept_again_once_settled() 
         retry_policy: Some(v1::RetryPolicy {
             min_backoff_ms: 600_000,
             max_backoff_ms: 600_000,
+            no_jitter: false,
         }),
         ..Default::default()
     })

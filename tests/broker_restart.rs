@@ -431,6 +431,7 @@ async fn nack_reasons_are_kept_per_message_across_a_restart_and_reach_the_dead_l
         retry_policy: Some(v1::RetryPolicy {
             min_backoff_ms: 1,
             max_backoff_ms: 1,
+            no_jitter: false,
         }),
         dead_letter_policy: Some(v1::DeadLetterPolicy {
             max_delivery_attempts: 3,
@@ -497,6 +498,7 @@ async fn an_acked_message_keeps_no_nack_reason_or_attempt_count() {
         retry_policy: Some(v1::RetryPolicy {
             min_backoff_ms: 1,
             max_backoff_ms: 1,
+            no_jitter: false,
         }),
         ..Default::default()
     })

@@ -274,8 +274,16 @@ async fn a_nack_reason_shows_in_status_and_a_fixed_dead_letter_is_resent() {
             "10ms",
             "--max-backoff",
             "10ms",
+            "--jitter",
+            "off",
         ],
     );
+    let got = json_lines(&ok(url, &["sub", "get", "billing", "--json"]));
+    assert_eq!(got[0]["retry_policy"]["no_jitter"], true);
+    ok(url, &["sub", "update", "billing", "--jitter", "on"]);
+    let got = json_lines(&ok(url, &["sub", "get", "billing", "--json"]));
+    assert_eq!(got[0]["retry_policy"]["no_jitter"], false);
+    assert_eq!(got[0]["retry_policy"]["min_backoff_ms"], 10);
     ok(
         url,
         &["publish", "orders", "--attr", "v=1", "{\"amount\": \"x\"}"],

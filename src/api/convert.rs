@@ -106,6 +106,7 @@ pub fn subscription(sub: &Subscription) -> v1::Subscription {
         retry_policy: (def.retry != RetryPolicy::default()).then_some(v1::RetryPolicy {
             min_backoff_ms: def.retry.min_backoff_ms,
             max_backoff_ms: def.retry.max_backoff_ms,
+            no_jitter: def.retry.no_jitter,
         }),
         dead_letter_policy: def.dead_letter.map(|p| v1::DeadLetterPolicy {
             max_delivery_attempts: p.max_delivery_attempts,
@@ -138,6 +139,7 @@ pub fn retry_policy(p: Option<v1::RetryPolicy>) -> RetryPolicy {
     p.map(|p| RetryPolicy {
         min_backoff_ms: p.min_backoff_ms,
         max_backoff_ms: p.max_backoff_ms,
+        no_jitter: p.no_jitter,
     })
     .unwrap_or_default()
 }

@@ -50,8 +50,12 @@ pub(crate) fn with_nack_reason(text: String, attempts: u32, note: Option<&NackNo
 /// jitter*, a uniformly random delay between half of [`backoff_ms`] and
 /// all of it, so messages that failed together do not all come back at
 /// the same moment.
+/// With `no_jitter`, exactly the backoff.
 pub fn retry_delay(retry: &RetryPolicy, attempts: u32, offset: u64) -> Duration {
     let backoff = backoff_ms(retry.min_backoff_ms, retry.max_backoff_ms, attempts);
+    if retry.no_jitter {
+        return Duration::from_millis(backoff);
+    }
     Duration::from_millis(equal_jitter(backoff, random_u64(offset, attempts)))
 }
 
@@ -87,6 +91,7 @@ mod tests {
         let retry = RetryPolicy {
             min_backoff_ms: 1_000,
             max_backoff_ms: 60_000,
+            no_jitter: false,
         };
         let delays: Vec<u64> = (0..50)
             .map(|offset| u64::try_from(retry_delay(&retry, 1, offset).as_millis()).unwrap())
@@ -100,6 +105,14 @@ mod tests {
             spread >= 100,
             "50 delays spread over {spread} ms only: {delays:?}"
         );
+        // Without jitter every delay is the backoff itself.
+        let exact = RetryPolicy {
+            no_jitter: true,
+            ..retry
+        };
+        for offset in 0..10 {
+            assert_eq!(retry_delay(&exact, 2, offset), Duration::from_secs(2));
+        }
         assert_eq!(equal_jitter(0, 12345), 0);
         assert_eq!(equal_jitter(10, 0), 5);
         assert_eq!(equal_jitter(10, 5), 10);

@@ -60,6 +60,15 @@ pub fn bytes(s: &str) -> Result<u64, String> {
 
 /// A message attribute, `KEY=VALUE` (split at the first `=`; the value may
 /// be empty, the key may not).
+/// `on` or `off` (also `true`/`false`, `yes`/`no`).
+pub fn on_off(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{s:?} is not on or off")),
+    }
+}
+
 pub fn attr(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),

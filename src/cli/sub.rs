@@ -84,6 +84,10 @@ pub struct CreateArgs {
     /// Upper bound of the redelivery delay [default: 10m]
     #[arg(long, value_name = "DURATION", value_parser = parse::duration_ms, requires = "min_backoff")]
     pub max_backoff: Option<u64>,
+    /// Wait a random time between half the backoff and all of it (on), or
+    /// exactly the backoff (off) [default: on]
+    #[arg(long, value_name = "on|off", value_parser = parse::on_off, requires = "min_backoff")]
+    pub jitter: Option<bool>,
     /// Start with every message the topic retains instead of only new ones.
     #[arg(long)]
     pub from_earliest: bool,
@@ -96,7 +100,7 @@ pub struct CreateArgs {
     ArgGroup::new("changes")
         .required(true)
         .multiple(true)
-        .args(["ack_deadline", "max_delivery_attempts", "forward_topic", "no_dead_letter", "min_backoff", "max_backoff"])
+        .args(["ack_deadline", "max_delivery_attempts", "forward_topic", "no_dead_letter", "min_backoff", "max_backoff", "jitter"])
 ))]
 pub struct UpdateArgs {
     /// Name of the subscription.
@@ -119,6 +123,9 @@ pub struct UpdateArgs {
     /// Upper bound of the redelivery delay.
     #[arg(long, value_name = "DURATION", value_parser = parse::duration_ms)]
     pub max_backoff: Option<u64>,
+    /// Jittered backoff (on) or exactly the backoff (off).
+    #[arg(long, value_name = "on|off", value_parser = parse::on_off)]
+    pub jitter: Option<bool>,
 }
 
 impl SubArgs {
@@ -232,6 +239,7 @@ impl CreateArgs {
         let retry_policy = self.min_backoff.map(|min| RetryPolicy {
             min_backoff_ms: min,
             max_backoff_ms: self.max_backoff.unwrap_or(BACKOFF_MS_MAX),
+            no_jitter: self.jitter == Some(false),
         });
         let dead_letter_policy = self.max_delivery_attempts.map(|n| DeadLetterPolicy {
             max_delivery_attempts: n,
@@ -256,9 +264,12 @@ impl CreateArgs {
 
 impl UpdateArgs {
     /// Whether the request depends on the subscription's current policies
-    /// (a policy flag given without its partner).
+    /// (a policy flag given without its partners).
     pub fn needs_current(&self) -> bool {
-        let retry_partial = self.min_backoff.is_some() != self.max_backoff.is_some();
+        let retry_partial = !(self.min_backoff.is_some()
+            && self.max_backoff.is_some()
+            && self.jitter.is_some())
+            && (self.min_backoff.is_some() || self.max_backoff.is_some() || self.jitter.is_some());
         let dead_letter_partial =
             self.max_delivery_attempts.is_some() != self.forward_topic.is_some();
         retry_partial || dead_letter_partial
@@ -279,7 +290,7 @@ impl UpdateArgs {
             sub.ack_deadline_ms = ms;
             mask.push("ack_deadline_ms".to_string());
         }
-        if self.min_backoff.is_some() || self.max_backoff.is_some() {
+        if self.min_backoff.is_some() || self.max_backoff.is_some() || self.jitter.is_some() {
             let now = current.and_then(|c| c.retry_policy).unwrap_or_default();
             let max_now = if now.max_backoff_ms == 0 {
                 BACKOFF_MS_MAX
@@ -289,6 +300,7 @@ impl UpdateArgs {
             sub.retry_policy = Some(RetryPolicy {
                 min_backoff_ms: self.min_backoff.unwrap_or(now.min_backoff_ms),
                 max_backoff_ms: self.max_backoff.unwrap_or(max_now),
+                no_jitter: self.jitter.map_or(now.no_jitter, |on| !on),
             });
             mask.push("retry_policy".to_string());
         }
@@ -331,6 +343,7 @@ pub fn sub_json(sub: &Subscription) -> Value {
         "retry_policy": sub.retry_policy.as_ref().map(|r| json!({
             "min_backoff_ms": r.min_backoff_ms,
             "max_backoff_ms": r.max_backoff_ms,
+            "no_jitter": r.no_jitter,
         })),
         "dead_letter_policy": sub.dead_letter_policy.as_ref().map(|p| json!({
             "max_delivery_attempts": p.max_delivery_attempts,
@@ -344,9 +357,10 @@ pub fn sub_json(sub: &Subscription) -> Value {
 fn retry_human(r: &Option<RetryPolicy>) -> String {
     match r {
         Some(r) if r.min_backoff_ms > 0 || r.max_backoff_ms > 0 => format!(
-            "backoff {} to {}",
+            "backoff {} to {}{}",
             ms_human(r.min_backoff_ms),
-            ms_human(r.max_backoff_ms)
+            ms_human(r.max_backoff_ms),
+            if r.no_jitter { ", no jitter" } else { "" }
         ),
         _ => "immediate".into(),
     }
@@ -499,7 +513,8 @@ mod tests {
             sub.retry_policy,
             Some(RetryPolicy {
                 min_backoff_ms: 100,
-                max_backoff_ms: BACKOFF_MS_MAX
+                max_backoff_ms: BACKOFF_MS_MAX,
+                no_jitter: false,
             })
         );
         assert_eq!(sub.start_position, StartPosition::Earliest as i32);
@@ -570,7 +585,8 @@ mod tests {
             sub.retry_policy,
             Some(RetryPolicy {
                 min_backoff_ms: 1000,
-                max_backoff_ms: 60_000
+                max_backoff_ms: 60_000,
+                no_jitter: false,
             })
         );
     }
@@ -582,6 +598,7 @@ mod tests {
             retry_policy: Some(RetryPolicy {
                 min_backoff_ms: 500,
                 max_backoff_ms: 20_000,
+                no_jitter: false,
             }),
             dead_letter_policy: Some(DeadLetterPolicy {
                 max_delivery_attempts: 5,
@@ -607,7 +624,8 @@ mod tests {
             sub.retry_policy,
             Some(RetryPolicy {
                 min_backoff_ms: 500,
-                max_backoff_ms: 60_000
+                max_backoff_ms: 60_000,
+                no_jitter: false,
             })
         );
 
@@ -633,7 +651,8 @@ mod tests {
             sub.subscription.unwrap().retry_policy,
             Some(RetryPolicy {
                 min_backoff_ms: 2000,
-                max_backoff_ms: BACKOFF_MS_MAX
+                max_backoff_ms: BACKOFF_MS_MAX,
+                no_jitter: false,
             })
         );
         assert!(

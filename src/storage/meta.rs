@@ -74,6 +74,10 @@ pub struct TopicDef {
 pub struct RetryPolicy {
     pub min_backoff_ms: u64,
     pub max_backoff_ms: u64,
+    /// Wait exactly the backoff (definitions written before this existed
+    /// read as jittered).
+    #[serde(default)]
+    pub no_jitter: bool,
 }
 
 /// When a message is moved to the dead-letter queue.
