@@ -299,6 +299,14 @@ mod tests {
     }
 
     #[test]
+    fn a_retry_policy_stored_before_the_jitter_switch_reads_as_jittered() {
+        let old: RetryPolicy =
+            serde_json::from_str(r#"{"min_backoff_ms":100,"max_backoff_ms":1000}"#).unwrap();
+        assert_eq!(old.min_backoff_ms, 100);
+        assert!(!old.no_jitter);
+    }
+
+    #[test]
     fn definitions_survive_reopen_and_names_are_unique() {
         let tmp = tempfile::tempdir().unwrap();
         let def = TopicDef {
