@@ -113,6 +113,22 @@ async fn publish_reports_every_message_and_cleans_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_get_a_batch_the_broker_accepts() {
+    let server = TestServer::start().await;
+    // 1 MiB messages: the default batch of 100 would be 100 MiB a call.
+    let report = bench_json(&server.url(), &["--messages", "12", "--size", "1MiB"]);
+    let r = &report["results"][0];
+    assert_eq!(u(r, "published"), 12);
+    assert_eq!(u(&r["params"], "batch"), 4);
+    // Asked for explicitly, a batch over the request limit is a usage
+    // error, not a transport failure half-way.
+    let out = bench(&server.url(), &["--batch", "100", "--size", "1MiB"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--batch 100"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_acks_every_delivery_and_measures_disk() {
     let server = TestServer::start().await;
     let report = bench_json(

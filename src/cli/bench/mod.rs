@@ -51,6 +51,7 @@ use super::conn::Conn;
 use super::output::Output;
 use super::parse;
 use crate::broker::config::{PUBLISH_BATCH_MESSAGES_MAX, STREAM_OUTSTANDING_MESSAGES_MAX};
+use crate::client::GRPC_MESSAGE_BYTES_MAX;
 use ctx::{Ctx, random_hex};
 use report::{BrokerInfo, HostInfo, Params, Report, WorkloadResult, append_line};
 use spawn::SpawnedBroker;
@@ -85,8 +86,17 @@ const SLOW_SIZE: u64 = 1024 * 1024;
 const SLOW_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 const SLOW_STREAMS: u32 = 6;
 const SLOW_STREAMS_MAX: i64 = 1_000;
-/// Default messages per Publish call of the throughput workloads.
+/// Default messages per Publish call of the throughput workloads, fewer
+/// when that would make a call larger than [`DEFAULT_BATCH_BYTES`].
 const DEFAULT_BATCH: u32 = 100;
+/// Payload bytes a default-sized Publish call carries at most.
+const DEFAULT_BATCH_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The default batch for messages of `size` bytes.
+fn default_batch(size: u64) -> u32 {
+    u32::try_from((DEFAULT_BATCH_BYTES / size.max(1)).clamp(1, u64::from(DEFAULT_BATCH)))
+        .unwrap_or(1)
+}
 /// Default most unconfirmed messages per publisher.
 const DEFAULT_IN_FLIGHT: u64 = 1_000;
 /// Default gRPC connections.
@@ -340,6 +350,18 @@ impl BenchArgs {
             self.max_outstanding != DEFAULT_MAX_OUTSTANDING,
             &[Fanout, Latency, Drain, All],
         )?;
+        if let (Some(batch), Some(size)) = (self.batch, self.size) {
+            // Each message adds a few bytes of framing to its payload.
+            let bytes = u64::from(batch).saturating_mul(size.saturating_add(64));
+            if bytes > GRPC_MESSAGE_BYTES_MAX as u64 {
+                return Err(UsageError(format!(
+                    "--batch {batch} of --size {size} bytes makes Publish calls of {bytes} bytes; \
+                     the broker takes at most {} per call: use a smaller --batch",
+                    GRPC_MESSAGE_BYTES_MAX
+                ))
+                .into());
+            }
+        }
         if self.chart.is_some() && self.subscriptions.is_some() {
             return Err(UsageError(
                 "--chart runs fanout with 1, 2, 5, 10 and 20 subscriptions; drop --subscriptions"
@@ -385,11 +407,12 @@ impl BenchArgs {
 
     /// A step's parameters: the flags over the workload's defaults.
     fn params(&self, step: Step) -> Params {
-        let batch = self.batch.unwrap_or(DEFAULT_BATCH);
+        let size = self.size.unwrap_or(DEFAULT_SIZE);
+        let batch = self.batch.unwrap_or_else(|| default_batch(size));
         let in_flight = self.in_flight.unwrap_or(DEFAULT_IN_FLIGHT);
         let mut p = Params {
             messages: 0,
-            size: self.size.unwrap_or(DEFAULT_SIZE),
+            size,
             subscriptions: 1,
             batch,
             in_flight,
@@ -512,6 +535,10 @@ mod tests {
         let args = parse(&["--workload", "latency", "--rate", "500", "--duration", "1s"]);
         let p = args.params(Step::Latency);
         assert_eq!((p.messages, p.batch), (500, 1));
+        // Large messages: the default batch keeps a call within 4 MiB.
+        assert_eq!(default_batch(256), 100);
+        assert_eq!(default_batch(1024 * 1024), 4);
+        assert_eq!(default_batch(64 * 1024 * 1024), 1);
 
         let args = parse(&["--workload", "backlog"]);
         assert_eq!(args.params(Step::Backlog).messages, 10_000_000);
