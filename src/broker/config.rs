@@ -40,6 +40,9 @@ pub const DELIVERY_RESPONSE_BYTES_MAX: u64 = 4 * 1024 * 1024;
 pub const STREAM_OUTSTANDING_MESSAGES_DEFAULT: u64 = 1_000;
 pub const STREAM_OUTSTANDING_MESSAGES_MAX: u64 = 100_000;
 pub const STREAM_OUTSTANDING_BYTES_DEFAULT: u64 = 100 * 1024 * 1024;
+/// Default `writer_threads`.
+pub const WRITER_THREADS_DEFAULT: usize = 4;
+
 /// Length of a nack's reason text.
 pub const REASON_BYTES_MAX: usize = 1_024;
 /// Dead letters per ListDeadLetters page.
@@ -73,6 +76,9 @@ pub struct BrokerConfig {
     /// out. Bounds the memory of lease and attempt tracking; when reached,
     /// new messages wait until the oldest are settled.
     pub unacked_window_max: u64,
+    /// Threads that write and sync every topic, dead-letter and journal
+    /// log (storage's `WriterPool`): an idle log costs no thread.
+    pub writer_threads: usize,
     /// The state journal is compacted when it grows past this.
     pub journal_compact_bytes: u64,
     /// Longest a StreamingPull ack's journal entry waits to share the next
@@ -101,6 +107,7 @@ impl BrokerConfig {
             memory_bytes_max: 1024 * 1024 * 1024,
             tail_cache_bytes_max: 1024 * 1024 * 1024 / TAIL_CACHE_SHARE_DEFAULT,
             unacked_window_max: 100_000,
+            writer_threads: WRITER_THREADS_DEFAULT,
             journal_compact_bytes: 64 * 1024 * 1024,
             journal_defer_ms: 5,
             topics_max: 10_000,

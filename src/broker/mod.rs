@@ -59,7 +59,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::storage::io::{Fs, OsFs};
 use crate::storage::meta::{MetaStore, RetentionMode, SubscriptionDef};
 use crate::storage::state::{StateEntry, StateJournal, SubscriptionState};
-use crate::storage::{Log, LogConfig, Offset, StorageError};
+use crate::storage::{Log, LogConfig, Offset, StorageError, WriterPool};
 
 use recovery::DELETING_SUFFIX;
 use subscription::SubscriptionEnv;
@@ -88,6 +88,8 @@ struct Inner {
     journal: StateJournal,
     ack_key: AckKey,
     memory: MemoryBudget,
+    /// The writer threads every log of the broker shares.
+    writers: WriterPool,
     topics: Arc<TopicMap>,
     subs: RwLock<HashMap<String, Arc<Subscription>>>,
     /// Serializes admin changes (create, delete, update).
@@ -119,7 +121,9 @@ impl Broker {
         let meta = MetaStore::open(&meta_dir)?;
         let ack_key = AckKey::load_or_create(fs.as_ref(), &dir)?;
         let memory = MemoryBudget::new(&config)?;
-        let log_config = topic_log_config(&config, &memory);
+        let writers =
+            WriterPool::new(config.writer_threads).map_err(|e| StorageError::io(&dir, e))?;
+        let log_config = topic_log_config(&config, &memory, &writers);
         let journal_config = LogConfig {
             segment_bytes_max: config.segment_bytes_max,
             fsync: config.fsync,
@@ -129,6 +133,7 @@ impl Broker {
             // Read only at start and when compacting; its entries are small.
             tail_cache_bytes_max: 0,
             pending_bytes_max: JOURNAL_PENDING_BYTES_MAX,
+            writers: Some(writers.clone()),
             ..LogConfig::default()
         };
         let (journal, mut states) =
@@ -171,6 +176,7 @@ impl Broker {
                 journal,
                 ack_key,
                 memory,
+                writers,
                 topics,
                 subs: RwLock::new(HashMap::new()),
                 admin: tokio::sync::Mutex::new(()),
@@ -225,6 +231,7 @@ impl Broker {
             fsync: self.inner.config.fsync,
             tail_cache_bytes_max: 0,
             shared_memory: Some(self.inner.memory.logs()),
+            writers: Some(self.inner.writers.clone()),
             ..LogConfig::default()
         };
         let dlq = dead_letter::DeadLetterLog::new(dir, self.inner.fs.clone(), dlq_config);
@@ -477,11 +484,16 @@ fn open_log(fs: Arc<dyn Fs>, dir: &Path, config: LogConfig, name: &str) -> Resul
 }
 
 /// Log settings of a topic's log.
-fn topic_log_config(config: &BrokerConfig, memory: &MemoryBudget) -> LogConfig {
+fn topic_log_config(
+    config: &BrokerConfig,
+    memory: &MemoryBudget,
+    writers: &WriterPool,
+) -> LogConfig {
     LogConfig {
         segment_bytes_max: config.segment_bytes_max,
         fsync: config.fsync,
         shared_memory: Some(memory.logs()),
+        writers: Some(writers.clone()),
         ..LogConfig::default()
     }
 }

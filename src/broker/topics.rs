@@ -108,7 +108,7 @@ impl Broker {
         let (fs, meta) = (self.inner.fs.clone(), self.inner.meta.clone());
         let (dir, config) = (
             self.topic_dir(def.id),
-            topic_log_config(&self.inner.config, &self.inner.memory),
+            topic_log_config(&self.inner.config, &self.inner.memory, &self.inner.writers),
         );
         let stored = def.clone();
         let log = blocking(move || {
@@ -225,7 +225,7 @@ impl Broker {
                 let log = open_log(
                     self.inner.fs.clone(),
                     &dir_again,
-                    topic_log_config(&self.inner.config, &self.inner.memory),
+                    topic_log_config(&self.inner.config, &self.inner.memory, &self.inner.writers),
                     name,
                 )?;
                 self.inner.topics.write().insert(

@@ -27,7 +27,7 @@ pub mod state;
 pub use error::{Result, StorageError};
 pub use log::{
     AppendTicket, Appended, Log, LogConfig, LogStats, ReadBatch, ReadLimits, RecoveryReport,
-    SharedMemory,
+    SharedMemory, WriterPool,
 };
 pub use record::{Attribute, NewRecord, Record, Target};
 

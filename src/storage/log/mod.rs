@@ -6,7 +6,7 @@
 //!    dense offsets and a non-decreasing publish time, encode the frames into
 //!    the shared pending buffer and queue a completion. Appends from many
 //!    tasks land in one buffer: that is the coalescing.
-//! 2. The log's writer thread takes the whole pending buffer, rolls the
+//! 2. The log's writer (a thread of the shared [`WriterPool`]) takes the whole pending buffer, rolls the
 //!    active segment if the batch would overflow it, and writes it with one
 //!    positional write per segment touched.
 //! 3. In `always` mode it then calls fdatasync once for everything it took
@@ -32,13 +32,17 @@
 //! are served from an in-memory tail cache of the encoded batches; older
 //! ones are read from the segment files with one read per call.
 
+mod pool;
 mod read;
 mod segments;
 mod writer;
 
+pub use pool::WriterPool;
+use pool::{Sched, Worker};
+
 use read::read_segment;
 use segments::{create_segment, recover_segment};
-use writer::{complete_write, writer_loop};
+use writer::complete_write;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -87,6 +91,9 @@ pub struct LogConfig {
     /// (the state journal: acks must keep working when topic data fills
     /// the disk, since acks are how space is freed).
     pub preallocate: bool,
+    /// The writer threads that write and sync this log, shared with other
+    /// logs; `None` gives the log a pool of one thread of its own.
+    pub writers: Option<WriterPool>,
 }
 
 impl Default for LogConfig {
@@ -100,6 +107,7 @@ impl Default for LogConfig {
             shared_memory: None,
             defer_max: Duration::from_millis(5),
             preallocate: false,
+            writers: None,
         }
     }
 }
@@ -303,7 +311,12 @@ struct Shared {
     fs: Arc<dyn Fs>,
     config: LogConfig,
     pending: Mutex<Pending>,
-    wake: Condvar,
+    /// The pool worker that writes this log, and the log's place in its
+    /// schedule; `finished` is signalled (under `sched`) when the worker
+    /// is done with a closed log.
+    worker: Arc<Worker>,
+    sched: Mutex<Sched>,
+    finished: Condvar,
     segments: RwLock<Vec<Arc<Segment>>>,
     visible_next: AtomicU64,
     visible_tx: watch::Sender<Offset>,
@@ -371,18 +384,20 @@ impl Mark {
 #[derive(Debug, Clone)]
 pub struct Log {
     shared: Arc<Shared>,
-    writer: Arc<WriterHandle>,
+    _writer: Arc<WriterHandle>,
 }
 
+/// Closes the log when its last handle goes, and keeps its writer pool
+/// alive until then.
 #[derive(Debug)]
 struct WriterHandle {
     shared: Arc<Shared>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    _pool: WriterPool,
 }
 
 impl Drop for WriterHandle {
     fn drop(&mut self) {
-        self.shared.close_and_join(&self.thread);
+        self.shared.close_and_join();
     }
 }
 
@@ -461,6 +476,10 @@ impl Log {
             SharedMemory::new(config.pending_bytes_max, config.tail_cache_bytes_max)
         });
         let space_owned = config.shared_memory.is_none();
+        let pool = match &config.writers {
+            Some(pool) => pool.clone(),
+            None => WriterPool::new(1).map_err(|e| StorageError::io(dir, e))?,
+        };
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             fs,
@@ -469,7 +488,9 @@ impl Log {
                 last_time_us,
                 ..Pending::default()
             }),
-            wake: Condvar::new(),
+            worker: pool.assign(),
+            sched: Mutex::new(Sched::default()),
+            finished: Condvar::new(),
             segments: RwLock::new(segments),
             visible_next: AtomicU64::new(next.0),
             visible_tx,
@@ -486,17 +507,17 @@ impl Log {
             write_lock: Mutex::new(()),
             config,
         });
-        let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("courier-log-writer".into())
-            .stack_size(256 * 1024)
-            .spawn(move || writer_loop(&thread_shared))
-            .map_err(|e| StorageError::io(dir, e))?;
         let writer = Arc::new(WriterHandle {
             shared: shared.clone(),
-            thread: Mutex::new(Some(thread)),
+            _pool: pool,
         });
-        Ok((Log { shared, writer }, report))
+        Ok((
+            Log {
+                shared,
+                _writer: writer,
+            },
+            report,
+        ))
     }
 
     /// The directory holding this log's files.
@@ -609,7 +630,7 @@ impl Log {
         };
         drop(pending);
         if wake && (deferred || !self.write_inline()) {
-            self.shared.wake.notify_one();
+            self.shared.worker.kick(&self.shared);
         }
         Ok(AppendTicket {
             rx,
@@ -1031,7 +1052,7 @@ impl Log {
     /// (a read already under way finishes first; reads after this fail
     /// with `Closed`), so nothing keeps the log's directory busy.
     pub fn close(&self) {
-        self.shared.close_and_join(&self.writer.thread);
+        self.shared.close_and_join();
         for seg in self.shared.segments.read().iter() {
             seg.file.write().take();
         }

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use parking_lot::Mutex;
 
 use super::{Mark, PendingBatch, RECOVER_EVERY, Segment, Shared, create_segment};
 use crate::storage::error::{Result, StorageError};
@@ -17,15 +16,19 @@ use crate::storage::segment::{self, SEGMENT_HEADER_BYTES, index_file_name};
 use crate::storage::{FsyncMode, Offset};
 
 impl Shared {
-    pub(super) fn close_and_join(&self, thread: &Mutex<Option<std::thread::JoinHandle<()>>>) {
+    /// Stops accepting appends and waits until the log's writer has
+    /// written and synced what was queued and finished for good.
+    pub(super) fn close_and_join(self: &Arc<Self>) {
         self.pending.lock().closed = true;
-        self.wake.notify_all();
         if self.space_owned {
             self.space.close();
         }
-        if let Some(handle) = thread.lock().take() {
-            let _ = handle.join();
+        self.worker.kick(self);
+        let mut sched = self.sched.lock();
+        while !sched.finished {
+            self.finished.wait(&mut sched);
         }
+        drop(sched);
         // Wake anyone still waiting for visibility after the last write.
         self.visible_tx.send_modify(|_| {});
     }
@@ -177,99 +180,123 @@ impl Shared {
     }
 }
 
-/// The writer thread: takes pending batches, writes, syncs, completes.
-pub(super) fn writer_loop(shared: &Shared) {
+/// What a log needs from its worker after being served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Next {
+    /// More may be queued: serve it again after the others.
+    Again,
+    /// Serve it again at this time (a deferred batch, an interval sync, a
+    /// rewind retry), or sooner if an append comes.
+    At(Instant),
+    /// Nothing to do until an append comes.
+    Idle,
+    /// Closed: everything queued is written and synced.
+    Finished,
+}
+
+/// Serves one log once: retries a failed log's rewind when due, writes
+/// what is queued (with its fdatasync under `always`), makes an interval
+/// sync that is due, or finishes a closed log. Never blocks waiting for
+/// work: the pool's worker calls it again as [`Next`] says.
+pub(super) fn serve(shared: &Shared) -> Next {
     let interval = match shared.config.fsync {
         FsyncMode::Interval(ms) => Some(Duration::from_millis(ms.max(1))),
         _ => None,
     };
-    let mut unsynced = false;
-    let mut last_sync = Instant::now();
-    loop {
-        {
-            let mut pending = shared.pending.lock();
-            loop {
-                if pending.urgent || pending.closed || pending.failed.is_some() {
-                    break;
-                }
-                let deferred = pending
-                    .deferred_since
-                    .map(|since| since + shared.config.defer_max);
-                let sync = match interval {
-                    Some(every) if unsynced => Some(last_sync + every),
-                    _ => None,
-                };
-                match deferred.into_iter().chain(sync).min() {
-                    Some(deadline) => {
-                        if Instant::now() >= deadline {
-                            break;
-                        }
-                        shared.wake.wait_until(&mut pending, deadline);
-                    }
-                    None => shared.wake.wait(&mut pending),
-                }
-            }
-            if pending.failed.is_some() {
-                if pending.closed {
-                    return;
-                }
-                shared.wake.wait_for(&mut pending, RECOVER_EVERY);
-                if pending.failed.is_none() || pending.closed {
-                    continue;
-                }
-                drop(pending);
-                let _writing = shared.write_lock.lock();
-                shared.recover();
-                continue;
-            }
-            if pending.batches.is_empty() && pending.closed {
-                drop(pending);
-                let _writing = shared.write_lock.lock();
-                if unsynced || shared.config.fsync == FsyncMode::Never {
-                    let active = shared.active();
-                    if let Err(e) = active.sync_data() {
-                        tracing::error!(error = %e, "final sync failed");
-                    }
-                }
-                return;
-            }
-            if !pending.batches.is_empty() {
-                drop(pending);
-                // Take the batches under the write lock, so an inline
-                // writer cannot write later batches before these.
-                let writing = shared.write_lock.lock();
-                let (buf, batches, roll) = shared.pending.lock().take();
-                if batches.is_empty() {
-                    // An inline writer took them first.
-                    continue;
-                }
-                let sync = shared.config.fsync == FsyncMode::Always
-                    || interval.is_some_and(|every| last_sync.elapsed() >= every);
-                let written = complete_write(shared, buf, batches, roll, sync);
-                drop(writing);
-                if !written {
-                    continue; // failed: the loop above retries the rewind
-                }
-                if sync {
-                    unsynced = false;
-                    last_sync = Instant::now();
-                } else {
-                    unsynced = true;
-                }
-                continue;
-            }
+    let now = Instant::now();
+    let pending = shared.pending.lock();
+    if pending.failed.is_some() {
+        if pending.closed {
+            return Next::Finished;
         }
-        // Interval sync with nothing new queued.
+        drop(pending);
+        let due = *shared
+            .sched
+            .lock()
+            .recover_at
+            .get_or_insert(now + RECOVER_EVERY);
+        if now < due {
+            return Next::At(due);
+        }
+        shared.sched.lock().recover_at = None;
         let _writing = shared.write_lock.lock();
-        if let Err(err) = shared.active().sync_data() {
-            tracing::error!(error = %err, "fdatasync failed; rewinding to the last successful one");
-            let synced = *shared.synced.lock();
-            shared.rewind(synced, &err, Vec::new());
-        } else {
-            *shared.synced.lock() = shared.mark();
+        shared.recover();
+        return Next::Again;
+    }
+    if pending.batches.is_empty() && pending.closed {
+        drop(pending);
+        let _writing = shared.write_lock.lock();
+        let unsynced = shared.sched.lock().unsynced;
+        if unsynced || shared.config.fsync == FsyncMode::Never {
+            if let Err(e) = shared.active().sync_data() {
+                tracing::error!(dir = %shared.dir.display(), error = %e, "final sync failed");
+            }
         }
-        unsynced = false;
-        last_sync = Instant::now();
+        return Next::Finished;
+    }
+    let (unsynced, last_sync) = {
+        let sched = shared.sched.lock();
+        (sched.unsynced, sched.last_sync)
+    };
+    let sync_due = match interval {
+        Some(every) if unsynced => Some(last_sync + every),
+        _ => None,
+    };
+    if !pending.batches.is_empty() {
+        if !pending.urgent && !pending.closed {
+            // Only deferred batches: wait for an ordinary one, or until
+            // the deferral (or an interval sync) is due.
+            let deferred = pending
+                .deferred_since
+                .map(|since| since + shared.config.defer_max);
+            if let Some(due) = deferred.into_iter().chain(sync_due).min() {
+                if now < due {
+                    return Next::At(due);
+                }
+            }
+        }
+        drop(pending);
+        // Take the batches under the write lock, so an inline writer
+        // cannot write later batches before these.
+        let writing = shared.write_lock.lock();
+        let (buf, batches, roll) = shared.pending.lock().take();
+        if batches.is_empty() {
+            return Next::Again; // an inline writer took them first
+        }
+        let sync = shared.config.fsync == FsyncMode::Always
+            || interval.is_some_and(|every| last_sync.elapsed() >= every);
+        let written = complete_write(shared, buf, batches, roll, sync);
+        drop(writing);
+        if written {
+            let mut sched = shared.sched.lock();
+            if sync {
+                sched.unsynced = false;
+                sched.last_sync = Instant::now();
+            } else {
+                sched.unsynced = true;
+            }
+        }
+        return Next::Again;
+    }
+    drop(pending);
+    match sync_due {
+        Some(due) if now < due => Next::At(due),
+        Some(_) => {
+            // An interval sync with nothing new queued.
+            let _writing = shared.write_lock.lock();
+            if let Err(err) = shared.active().sync_data() {
+                tracing::error!(dir = %shared.dir.display(), error = %err, "fdatasync failed; rewinding to the last successful one");
+                let synced = *shared.synced.lock();
+                shared.rewind(synced, &err, Vec::new());
+            } else {
+                *shared.synced.lock() = shared.mark();
+            }
+            let mut sched = shared.sched.lock();
+            sched.unsynced = false;
+            sched.last_sync = Instant::now();
+            Next::Idle
+        }
+        None => Next::Idle,
     }
 }
 
