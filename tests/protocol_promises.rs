@@ -60,6 +60,7 @@ fn retry(min_backoff_ms: u64, max_backoff_ms: u64) -> Option<v1::RetryPolicy> {
     Some(v1::RetryPolicy {
         min_backoff_ms,
         max_backoff_ms,
+        no_jitter: false,
     })
 }
 
@@ -609,6 +610,7 @@ async fn every_rejected_value_is_echoed_only_up_to_64_characters() {
             subscription: "s".into(),
             message_ids: vec!["x".repeat(300)],
             reason: None,
+            replacement: None,
         })
         .await;
     results.push(("RedriveDeadLetters message_ids", "", r.map(|_| ())));
@@ -1732,6 +1734,7 @@ async fn redrive_refuses_bad_ids_and_an_unspecified_reason() {
                 subscription: "s".into(),
                 message_ids,
                 reason,
+                replacement: None,
             })
             .await;
         t.row(what, r, want);
@@ -1746,6 +1749,7 @@ async fn redrive(c: &mut Clients, ids: &[&str], reason: Option<v1::DeadLetterRea
             subscription: "s".into(),
             message_ids: ids.iter().map(|i| i.to_string()).collect(),
             reason: reason.map(|r| r as i32),
+            replacement: None,
         })
         .await
         .unwrap()
@@ -3003,7 +3007,7 @@ async fn modify_ack_deadline_zero_is_a_nack() {
 // ----- Subscriber.Nack ------------------------------------------------------
 
 #[tokio::test]
-async fn a_nack_reason_may_be_1024_bytes_and_is_ignored_without_reject() {
+async fn a_nack_reason_may_be_1024_bytes_and_is_kept_with_or_without_reject() {
     let (server, mut c) = start().await;
     c.create_topic("t").await;
     c.create_sub_with(v1::Subscription {
@@ -3025,24 +3029,29 @@ async fn a_nack_reason_may_be_1024_bytes_and_is_ignored_without_reject() {
             .await
             .unwrap();
     }
-    let dls = c.dead_letters("s").await;
-    let texts: Vec<(&str, &str)> = dls
+    let mut dls = c.dead_letters("s").await;
+    dls.sort_by_key(|d| d.offset);
+    let texts: Vec<(&str, String, &str)> = dls
         .iter()
         .map(|d| {
             (
                 std::str::from_utf8(&d.message.as_ref().unwrap().data).unwrap(),
-                d.reason_text.as_str(),
+                d.reason_text.clone(),
+                d.last_nack_reason.as_str(),
             )
         })
         .collect();
+    // Without reject the reason is the message's last nack reason, and
+    // its attempts-exhausted text carries it; with reject it is the text.
     assert_eq!(
         texts,
         [
             (
                 "retried",
-                "1 delivery attempt failed; the last one was nacked"
+                format!("1 delivery attempt failed; the last one was nacked: {long}"),
+                long.as_str()
             ),
-            ("rejected", long.as_str())
+            ("rejected", long.clone(), "")
         ]
     );
     server.stop().await;
