@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 use crate::api::pb::v1::{self, admin_server::Admin};
 use crate::api::{convert, status};
 use crate::broker::config::{
-    DEAD_LETTER_PAGE_DEFAULT, DEAD_LETTER_PAGE_MAX, REDRIVE_IDS_MAX, check_name,
+    DEAD_LETTER_PAGE_DEFAULT, DEAD_LETTER_PAGE_MAX, REDRIVE_IDS_MAX, check_name, shown,
 };
 use crate::broker::{
     Broker, DeadLetterReason, MessageState, Redrive, RedriveFilter, Replacement, SubscriptionSpec,
@@ -54,7 +54,7 @@ fn parse_message_id(field: &str, id: &str) -> Result<u64, Status> {
     id.parse().map_err(|_| {
         status::invalid(
             field,
-            format!("{id:?} is not a message id (a decimal number)"),
+            format!("{} is not a message id (a decimal number)", shown(id)),
         )
     })
 }
@@ -216,7 +216,8 @@ impl Admin for AdminService {
                     return Err(status::invalid(
                         "update_mask",
                         format!(
-                            "{other:?} cannot be updated; use ack_deadline_ms, retry_policy or dead_letter_policy"
+                            "{} cannot be updated; use ack_deadline_ms, retry_policy or dead_letter_policy",
+                            shown(other)
                         ),
                     ));
                 }

@@ -14,11 +14,13 @@ fn capped(message: String) -> String {
     if message.len() <= STATUS_MESSAGE_BYTES_MAX {
         return message;
     }
-    let mut end = STATUS_MESSAGE_BYTES_MAX;
+    // The suffix counts towards the bound too.
+    let suffix = format!("… ({} bytes in all)", message.len());
+    let mut end = STATUS_MESSAGE_BYTES_MAX - suffix.len();
     while !message.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}… ({} bytes in all)", &message[..end], message.len())
+    format!("{}{suffix}", &message[..end])
 }
 
 /// Maps a broker error to the status the protocol documents for it.

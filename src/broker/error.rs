@@ -1,15 +1,16 @@
 //! The broker layer's error type. The API layer maps it to a gRPC status
 //! in exactly one function (`api::status`).
 
+use crate::broker::config::shown;
 use crate::storage::StorageError;
 
 /// Errors from broker operations.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
-    #[error("{kind} {name:?} not found")]
+    #[error("{kind} {} not found", shown(name))]
     NotFound { kind: &'static str, name: String },
     /// Not found, and the broker knows why.
-    #[error("{kind} {name:?} not found: {why}")]
+    #[error("{kind} {} not found: {why}", shown(name))]
     NotFoundBecause {
         kind: &'static str,
         name: String,

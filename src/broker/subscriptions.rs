@@ -113,7 +113,13 @@ impl Broker {
                         "must differ from the subscription's own topic",
                     ));
                 }
-                self.topic(fwd)?;
+                if self.topic(fwd).is_err() {
+                    return Err(BrokerError::NotFoundBecause {
+                        kind: "topic",
+                        name: fwd.clone(),
+                        why: "dead_letter_policy.forward_topic must name an existing topic".into(),
+                    });
+                }
             }
         }
         Ok(())

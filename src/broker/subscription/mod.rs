@@ -277,6 +277,17 @@ pub(crate) fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// A message's size as flow control counts it, as for the maximum message
+/// size: payload, attribute keys and values, ordering key.
+fn message_bytes(record: &Record) -> u64 {
+    let attributes: usize = record
+        .attributes
+        .iter()
+        .map(|a| a.key.len() + a.value.len())
+        .sum();
+    (record.payload.len() + attributes + record.ordering_key.len()) as u64
+}
+
 fn instant_to_unix_us(at: Instant) -> u64 {
     let now = Instant::now();
     let now_us = now_us();
@@ -681,7 +692,7 @@ impl Subscription {
                         break;
                     }
                 };
-                let (size, frame) = (record.payload.len() as u64, record.frame_len() as u64);
+                let (size, frame) = (message_bytes(&record), record.frame_len() as u64);
                 if !fits(picked.len(), bytes, batch_bytes, size, frame) {
                     break;
                 }
@@ -770,7 +781,7 @@ impl Subscription {
                         core.cursor = offset + 1;
                         continue;
                     }
-                    let (size, frame) = (record.payload.len() as u64, record.frame_len() as u64);
+                    let (size, frame) = (message_bytes(&record), record.frame_len() as u64);
                     if !fits(picked.len(), bytes, batch_bytes, size, frame) {
                         break 'fill;
                     }
@@ -800,7 +811,7 @@ impl Subscription {
                     entries.push(entry);
                 }
                 let deadline = now + limits.deadline;
-                let bytes = record.payload.len() as u64;
+                let bytes = message_bytes(&record);
                 core.leases.insert(
                     offset,
                     Lease {
@@ -926,15 +937,22 @@ impl Subscription {
         let (outcomes, ticket) = {
             let mut core = self.core.lock();
             let mut settle = Vec::new();
+            let mut seen = HashSet::default();
             let outcomes: Vec<AckOutcome> = ids
                 .iter()
                 .map(|id| {
                     let Some(id) = id else {
                         return AckOutcome::Unknown;
                     };
+                    // An id acked earlier in this same call is settled
+                    // already (the journal hears of it below).
+                    if seen.contains(&id.offset) {
+                        return AckOutcome::AlreadySettled;
+                    }
                     let outcome = self.check_current(&core, visible, *id);
                     if outcome == AckOutcome::Ok {
                         settle.push(id.offset);
+                        seen.insert(id.offset);
                     }
                     outcome
                 })
@@ -970,7 +988,13 @@ impl Subscription {
             return AckOutcome::AlreadySettled;
         }
         if id.offset >= core.cursor {
-            return AckOutcome::Unknown;
+            // Not read since a restart. Its ack id still counts if the
+            // journal says this was its latest delivery.
+            return match core.attempts(id.offset) {
+                n if n == id.attempt && n > 0 => AckOutcome::Ok,
+                n if n > id.attempt => AckOutcome::Stale,
+                _ => AckOutcome::Unknown,
+            };
         }
         if core.dead_lettering.contains(&id.offset) {
             return AckOutcome::Stale;
@@ -1088,12 +1112,14 @@ impl Subscription {
                             DeadLetterReason::AttemptsExhausted,
                             exhausted_text(attempts, Failure::Nacked),
                         ));
-                    } else {
+                    } else if id.offset < core.cursor {
                         core.schedule(
                             id.offset,
                             now + retry_delay(&def.retry, attempts, id.offset),
                         );
                     }
+                    // (At or past the cursor, after a restart: the cursor
+                    // delivers it again when it gets there.)
                     AckOutcome::Ok
                 })
                 .collect();
