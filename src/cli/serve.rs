@@ -41,6 +41,9 @@ pub const ENV_MAX_MESSAGE_BYTES: &str = "COURIER_MAX_MESSAGE_BYTES";
 pub const ENV_TAIL_CACHE_BYTES: &str = "COURIER_TAIL_CACHE_BYTES";
 pub const ENV_MEMORY_MAX: &str = "COURIER_MEMORY_MAX";
 pub const ENV_UNACKED_WINDOW_MAX: &str = "COURIER_UNACKED_WINDOW_MAX";
+pub const ENV_WRITER_THREADS: &str = "COURIER_WRITER_THREADS";
+/// Most `writer_threads`.
+const WRITER_THREADS_MAX: u64 = 64;
 pub const ENV_CONNECTIONS_MAX: &str = "COURIER_CONNECTIONS_MAX";
 pub const ENV_HANDSHAKE_TIMEOUT: &str = "COURIER_HANDSHAKE_TIMEOUT";
 
@@ -109,6 +112,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub unacked_window_max: Option<u64>,
 
+    /// Threads that write and sync every log, 1 to 64; an idle topic costs none [env: COURIER_WRITER_THREADS] [default: 4]
+    #[arg(long, value_name = "N")]
+    pub writer_threads: Option<u64>,
+
     /// Most client connections open at once [env: COURIER_CONNECTIONS_MAX] [default: derived from the file descriptor limit]
     #[arg(long, value_name = "N")]
     pub connections_max: Option<u64>,
@@ -130,6 +137,7 @@ pub struct Settings {
     pub tail_cache_bytes: Option<u64>,
     pub memory_max: Option<u64>,
     pub unacked_window_max: Option<u64>,
+    pub writer_threads: Option<u64>,
     pub connections_max: Option<u64>,
     /// Milliseconds.
     pub handshake_timeout: Option<u64>,
@@ -155,6 +163,7 @@ struct FileConfig {
     tail_cache_bytes: Option<ByteSize>,
     memory_max: Option<ByteSize>,
     unacked_window_max: Option<u64>,
+    writer_threads: Option<u64>,
     connections_max: Option<u64>,
     handshake_timeout: Option<String>,
 }
@@ -201,6 +210,7 @@ impl Settings {
             tail_cache_bytes: args.tail_cache_bytes,
             memory_max: args.memory_max,
             unacked_window_max: args.unacked_window_max,
+            writer_threads: args.writer_threads,
             connections_max: args.connections_max,
             handshake_timeout: args.handshake_timeout,
         }
@@ -241,6 +251,7 @@ impl Settings {
             )?,
             memory_max: parsed(ENV_MEMORY_MAX, get(ENV_MEMORY_MAX), parse::bytes)?,
             unacked_window_max: parsed(ENV_UNACKED_WINDOW_MAX, get(ENV_UNACKED_WINDOW_MAX), count)?,
+            writer_threads: parsed(ENV_WRITER_THREADS, get(ENV_WRITER_THREADS), count)?,
             connections_max: parsed(ENV_CONNECTIONS_MAX, get(ENV_CONNECTIONS_MAX), count)?,
             handshake_timeout: parsed(
                 ENV_HANDSHAKE_TIMEOUT,
@@ -287,6 +298,7 @@ impl Settings {
             tail_cache_bytes: file.tail_cache_bytes.map(|b| b.0),
             memory_max: file.memory_max.map(|b| b.0),
             unacked_window_max: file.unacked_window_max,
+            writer_threads: file.writer_threads,
             connections_max: file.connections_max,
             handshake_timeout: file
                 .handshake_timeout
@@ -308,6 +320,7 @@ impl Settings {
             tail_cache_bytes: self.tail_cache_bytes.or(lower.tail_cache_bytes),
             memory_max: self.memory_max.or(lower.memory_max),
             unacked_window_max: self.unacked_window_max.or(lower.unacked_window_max),
+            writer_threads: self.writer_threads.or(lower.writer_threads),
             connections_max: self.connections_max.or(lower.connections_max),
             handshake_timeout: self.handshake_timeout.or(lower.handshake_timeout),
         }
@@ -375,6 +388,13 @@ pub fn merge(flags: Settings, env: Settings, file: Settings) -> anyhow::Result<R
     if let Some(n) = s.unacked_window_max {
         anyhow::ensure!(n >= 1, "unacked_window_max must be at least 1");
         broker.unacked_window_max = n;
+    }
+    if let Some(n) = s.writer_threads {
+        anyhow::ensure!(
+            (1..=WRITER_THREADS_MAX).contains(&n),
+            "writer_threads must be 1 to {WRITER_THREADS_MAX}, not {n}"
+        );
+        broker.writer_threads = n as usize;
     }
     if let Some(n) = s.connections_max {
         anyhow::ensure!(n >= 1, "connections_max must be at least 1");
@@ -549,6 +569,7 @@ mod tests {
             max_message_bytes = 1000
             tail_cache_bytes = 0
             unacked_window_max = 7
+            writer_threads = 3
             "#,
         )
         .unwrap();
@@ -568,6 +589,7 @@ mod tests {
         assert_eq!(r.options.broker.message_bytes_max, 1000);
         assert_eq!(r.options.broker.tail_cache_bytes_max, 0);
         assert_eq!(r.options.broker.unacked_window_max, 7);
+        assert_eq!(r.options.broker.writer_threads, 3);
         let d = BrokerConfig::new("x");
         assert_eq!(r.options.broker.tick_ms, d.tick_ms); // default
     }
@@ -595,6 +617,8 @@ mod tests {
             "512MiB",
             "--unacked-window-max",
             "5",
+            "--writer-threads",
+            "2",
             "--connections-max",
             "7",
             "--handshake-timeout",
@@ -614,6 +638,7 @@ mod tests {
                 tail_cache_bytes: Some(0),
                 memory_max: Some(512 << 20),
                 unacked_window_max: Some(5),
+                writer_threads: Some(2),
                 connections_max: Some(7),
                 handshake_timeout: Some(2000),
             }
@@ -702,6 +727,14 @@ mod tests {
             },
             Settings {
                 unacked_window_max: Some(0),
+                ..Settings::default()
+            },
+            Settings {
+                writer_threads: Some(0),
+                ..Settings::default()
+            },
+            Settings {
+                writer_threads: Some(65),
                 ..Settings::default()
             },
         ] {
