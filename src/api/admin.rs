@@ -314,6 +314,7 @@ impl Admin for AdminService {
         let status = self
             .broker
             .message_status(&req.topic, id)
+            .await
             .map_err(status::to_status)?;
         let subscriptions = status
             .subscriptions
@@ -404,9 +405,13 @@ impl Admin for AdminService {
                 )
             })?
         };
-        let (page, next) = sub
-            .dead_letters(from, max as usize)
-            .map_err(status::to_status)?;
+        // A page reads the dead-letter log: off the runtime's threads.
+        let reader = sub.clone();
+        let (page, next) =
+            tokio::task::spawn_blocking(move || reader.dead_letters(from, max as usize))
+                .await
+                .map_err(|_| Status::unavailable("the broker is shutting down"))?
+                .map_err(status::to_status)?;
         Ok(Response::new(v1::ListDeadLettersResponse {
             dead_letters: page
                 .iter()

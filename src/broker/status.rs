@@ -2,7 +2,8 @@
 //! figures, and the logs that cannot write.
 
 use super::{
-    Broker, BrokerError, MessageState, Redrive, Result, dir_bytes, memory, resident_memory_bytes,
+    Broker, BrokerError, MessageState, Redrive, Result, blocking, dir_bytes, memory,
+    resident_memory_bytes,
 };
 use crate::storage::Offset;
 
@@ -29,8 +30,15 @@ pub struct MessageStatus {
 }
 
 impl Broker {
-    /// Where a message is on every subscription of its topic.
-    pub fn message_status(&self, topic: &str, message_id: u64) -> Result<MessageStatus> {
+    /// Where a message is on every subscription of its topic. It reads the
+    /// topic and dead-letter logs, so it runs on the blocking pool, off the
+    /// runtime's threads.
+    pub async fn message_status(&self, topic: &str, message_id: u64) -> Result<MessageStatus> {
+        let (this, topic) = (self.clone(), topic.to_string());
+        blocking(move || this.message_status_now(&topic, message_id)).await
+    }
+
+    fn message_status_now(&self, topic: &str, message_id: u64) -> Result<MessageStatus> {
         let topic = self.topic(topic)?;
         if message_id >= topic.log.next_offset().0 {
             return Err(BrokerError::NotFound {

@@ -114,6 +114,9 @@ impl fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
+/// Threads of the runtime's blocking pool.
+const BLOCKING_THREADS_MAX: usize = 16;
+
 /// Entry point of the `courier` binary: parses the command line (clap
 /// prints usage errors and exits 2 itself), runs the command, and turns
 /// its outcome into an exit code.
@@ -121,6 +124,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Disk work that leaves the runtime (admin reads, deletes, file
+        // input) shares these; the broker's thread count stays bounded
+        // whatever the number of topics or callers.
+        .max_blocking_threads(BLOCKING_THREADS_MAX)
         .build()
     {
         Ok(runtime) => runtime,
