@@ -332,7 +332,6 @@ impl Broker {
                 ),
             ));
         }
-        let mut size = m.payload.len() + m.ordering_key.len();
         for a in &m.attributes {
             if a.key.is_empty() {
                 return Err(BrokerError::invalid(
@@ -360,7 +359,6 @@ impl Broker {
                     ),
                 ));
             }
-            size += a.key.len() + a.value.len();
         }
         if m.ordering_key.len() > config::ORDERING_KEY_BYTES_MAX {
             return Err(BrokerError::invalid(
@@ -372,6 +370,7 @@ impl Broker {
                 ),
             ));
         }
+        let size = m.message_bytes();
         if size > self.inner.config.message_bytes_max {
             return Err(BrokerError::invalid(
                 field("data"),

@@ -266,10 +266,15 @@ impl UpdateArgs {
     /// Whether the request depends on the subscription's current policies
     /// (a policy flag given without its partners).
     pub fn needs_current(&self) -> bool {
-        let retry_partial = !(self.min_backoff.is_some()
-            && self.max_backoff.is_some()
-            && self.jitter.is_some())
-            && (self.min_backoff.is_some() || self.max_backoff.is_some() || self.jitter.is_some());
+        let retry_given = [
+            self.min_backoff.is_some(),
+            self.max_backoff.is_some(),
+            self.jitter.is_some(),
+        ]
+        .into_iter()
+        .filter(|given| *given)
+        .count();
+        let retry_partial = retry_given > 0 && retry_given < 3;
         let dead_letter_partial =
             self.max_delivery_attempts.is_some() != self.forward_topic.is_some();
         retry_partial || dead_letter_partial

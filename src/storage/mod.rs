@@ -20,6 +20,7 @@ pub mod error;
 pub mod io;
 pub mod log;
 pub mod meta;
+pub mod range_set;
 pub mod record;
 pub mod segment;
 pub mod state;

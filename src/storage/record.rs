@@ -83,7 +83,19 @@ pub struct Record {
     pub payload: Bytes,
 }
 
+/// A message's size as the broker's limits count it (the maximum message
+/// size, flow control): payload, attribute keys and values, ordering key.
+fn message_bytes(attributes: &[Attribute], ordering_key: &[u8], payload: &[u8]) -> usize {
+    let attributes: usize = attributes.iter().map(|a| a.key.len() + a.value.len()).sum();
+    payload.len() + attributes + ordering_key.len()
+}
+
 impl Record {
+    /// Its size as the broker's limits count it (not its frame).
+    pub fn message_bytes(&self) -> usize {
+        message_bytes(&self.attributes, &self.ordering_key, &self.payload)
+    }
+
     /// Size of this record's frame on disk.
     pub fn frame_len(&self) -> usize {
         FRAME_HEADER_BYTES
@@ -97,6 +109,11 @@ impl Record {
 }
 
 impl NewRecord {
+    /// Its size as the broker's limits count it (not its frame).
+    pub fn message_bytes(&self) -> usize {
+        message_bytes(&self.attributes, &self.ordering_key, &self.payload)
+    }
+
     /// Size the frame of this record will take on disk.
     pub fn frame_len(&self) -> usize {
         FRAME_HEADER_BYTES

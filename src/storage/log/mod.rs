@@ -6,9 +6,10 @@
 //!    dense offsets and a non-decreasing publish time, encode the frames into
 //!    the shared pending buffer and queue a completion. Appends from many
 //!    tasks land in one buffer: that is the coalescing.
-//! 2. The log's writer (a thread of the shared [`WriterPool`]) takes the whole pending buffer, rolls the
-//!    active segment if the batch would overflow it, and writes it with one
-//!    positional write per segment touched.
+//! 2. The log's writer (a thread of the shared [`WriterPool`]) takes the
+//!    whole pending buffer, rolls the active segment if the batch would
+//!    overflow it, and writes it with one positional write per segment
+//!    touched.
 //! 3. In `always` mode it then calls fdatasync once for everything it took
 //!    (group commit: every append that arrived while the previous sync ran
 //!    shares the next one), and only then completes the appends and moves
