@@ -1,13 +1,15 @@
 //! Many logs on one shared writer pool: interleaved appends under every
-//! fsync mode survive power loss as each mode promises, a failing sync
-//! fails only its own log's appends, and closing many dirty logs syncs
-//! them all.
+//! fsync mode, with per-file syncs and with whole syncs, survive power loss
+//! as each mode promises; a failing sync (on its own or inside a whole
+//! sync) fails only its own log's appends; closing many dirty logs syncs
+//! them all; and on a real disk a round of many logs is made durable by
+//! one `syncfs` where the file system offers it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use courier::storage::io::{Fs, SimFs};
+use courier::storage::io::{Fs, OsFs, SimFs};
 use courier::storage::{FsyncMode, Log, LogConfig, NewRecord, Offset, ReadLimits, WriterPool};
 
 const LOGS: usize = 24;
@@ -91,13 +93,24 @@ async fn append_everywhere(logs: &[Log]) -> Vec<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn interleaved_appends_to_many_logs_survive_power_loss_as_each_mode_promises() {
-    for fsync in [FsyncMode::Always, FsyncMode::Interval(5), FsyncMode::Never] {
+    let modes = [FsyncMode::Always, FsyncMode::Interval(5), FsyncMode::Never];
+    for (fsync, whole_sync) in modes.into_iter().flat_map(|m| [(m, false), (m, true)]) {
         let fs = SimFs::new();
+        fs.set_whole_sync(whole_sync);
         let pool = WriterPool::new(2).unwrap();
         let logs: Vec<Log> = (0..LOGS)
             .map(|i| open(&fs, &dir(i), config(fsync, &pool)))
             .collect();
         let done = append_everywhere(&logs).await;
+        let stats = pool.stats();
+        if whole_sync && fsync == FsyncMode::Always {
+            // 12 logs per writer appending at once: rounds hold several.
+            assert!(stats.whole_syncs > 0, "{fsync:?}: {stats:?}");
+            assert_eq!(fs.whole_sync_count(), stats.whole_syncs);
+        }
+        if !whole_sync {
+            assert_eq!(stats.whole_syncs, 0, "{fsync:?}: {stats:?}");
+        }
         fs.power_loss();
         drop(logs);
         let pool = WriterPool::new(2).unwrap();
@@ -106,14 +119,18 @@ async fn interleaved_appends_to_many_logs_survive_power_loss_as_each_mode_promis
             let got = payloads(&log);
             // Whatever survived is a dense prefix of what was appended.
             for (n, (offset, payload)) in got.iter().enumerate() {
-                assert_eq!(*offset, n as u64, "{fsync:?} log {i}");
-                assert_eq!(payload, &format!("log{i}-m{n}"), "{fsync:?} log {i}");
+                assert_eq!(*offset, n as u64, "{fsync:?} {whole_sync} log {i}");
+                assert_eq!(
+                    payload,
+                    &format!("log{i}-m{n}"),
+                    "{fsync:?} {whole_sync} log {i}"
+                );
             }
             if fsync == FsyncMode::Always {
                 assert_eq!(
                     got.len(),
                     *completed,
-                    "{fsync:?} log {i}: every completed append survives"
+                    "{fsync:?} {whole_sync} log {i}: every completed append survives"
                 );
             }
         }
@@ -202,6 +219,103 @@ async fn a_failing_sync_fails_only_the_appends_of_its_own_log() {
         payloads(&bad),
         vec![(0, "before".to_string()), (1, "after".to_string())]
     );
+}
+
+/// A whole sync that fails because one log's files cannot be synced fails
+/// that log's appends only: the other logs of the round are synced on
+/// their own, complete, and survive a power loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_whole_sync_fails_only_the_log_whose_file_failed() {
+    let mut shared_rounds = 0;
+    for attempt in 0..50 {
+        let fs = SimFs::new();
+        fs.set_whole_sync(true);
+        let pool = WriterPool::new(1).unwrap();
+        let bad_dir = PathBuf::from("/data/bad");
+        let good: Vec<Log> = (0..3)
+            .map(|i| open(&fs, &dir(i), config(FsyncMode::Always, &pool)))
+            .collect();
+        let bad = open(&fs, &bad_dir, config(FsyncMode::Always, &pool));
+        fs.set_fail_syncs_under(Some(&bad_dir));
+        // Queued back to back, so the one writer finds them in one round.
+        let bad_ticket = bad.enqueue(&[rec("bad".into())]).unwrap();
+        let good_tickets: Vec<_> = good
+            .iter()
+            .enumerate()
+            .map(|(i, log)| log.enqueue(&[rec(format!("log{i}-m0"))]).unwrap())
+            .collect();
+        assert!(bad_ticket.wait().await.is_err(), "attempt {attempt}");
+        for (i, ticket) in good_tickets.into_iter().enumerate() {
+            let appended = ticket.wait().await.unwrap_or_else(|e| {
+                panic!("attempt {attempt}: log {i} shares a round with the failing log: {e}")
+            });
+            assert_eq!(appended.base_offset, Offset(0));
+        }
+        let stats = pool.stats();
+        assert!(stats.file_syncs >= 1, "attempt {attempt}: {stats:?}");
+        if stats.whole_sync_failures > 0 {
+            shared_rounds += 1;
+        }
+        fs.power_loss();
+        let pool = WriterPool::new(1).unwrap();
+        for i in 0..3 {
+            let log = open(&fs, &dir(i), config(FsyncMode::Always, &pool));
+            assert_eq!(
+                payloads(&log),
+                vec![(0, format!("log{i}-m0"))],
+                "attempt {attempt}"
+            );
+        }
+        if shared_rounds >= 3 {
+            break;
+        }
+    }
+    assert!(
+        shared_rounds >= 3,
+        "the failing log shared a round with the others in only {shared_rounds} of 50 attempts"
+    );
+}
+
+/// On the disk the tests run on: where the file system offers a trusted
+/// `syncfs`, rounds of many logs use it (fewer syncs than appends); where it
+/// does not, every round syncs file by file. Either way everything
+/// appended is there after a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_real_disk_a_round_of_many_logs_takes_one_syncfs_where_trusted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fs: Arc<dyn Fs> = Arc::new(OsFs);
+    let trusted = fs.whole_sync(tmp.path()).is_some();
+    let pool = WriterPool::new(1).unwrap();
+    let open_os = |i: usize, pool: &WriterPool| {
+        let path = tmp.path().join(format!("log-{i}"));
+        Log::open(
+            fs.clone(),
+            &path,
+            config(FsyncMode::Always, pool),
+            Offset(0),
+        )
+        .unwrap()
+        .0
+    };
+    let logs: Vec<Log> = (0..LOGS).map(|i| open_os(i, &pool)).collect();
+    append_everywhere(&logs).await;
+    let stats = pool.stats();
+    let appends = (LOGS * PER_LOG) as u64;
+    if trusted {
+        assert!(stats.whole_syncs > 0, "{stats:?}");
+        assert!(
+            stats.whole_syncs + stats.file_syncs < appends,
+            "{appends} appends: {stats:?}"
+        );
+    } else {
+        assert_eq!(stats.whole_syncs, 0, "{stats:?}");
+    }
+    eprintln!("syncfs trusted here: {trusted}; {appends} appends: {stats:?}");
+    drop(logs);
+    let pool = WriterPool::new(1).unwrap();
+    for i in 0..LOGS {
+        assert_eq!(payloads(&open_os(i, &pool)).len(), PER_LOG, "log {i}");
+    }
 }
 
 #[test]

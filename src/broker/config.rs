@@ -79,6 +79,9 @@ pub struct BrokerConfig {
     /// Threads that write and sync every topic, dead-letter and journal
     /// log (storage's `WriterPool`): an idle log costs no thread.
     pub writer_threads: usize,
+    /// Let the writer pool make a round of many logs durable with one
+    /// `syncfs` where the file system's can be trusted.
+    pub syncfs: bool,
     /// The state journal is compacted when it grows past this.
     pub journal_compact_bytes: u64,
     /// Longest a StreamingPull ack's journal entry waits to share the next
@@ -108,6 +111,7 @@ impl BrokerConfig {
             tail_cache_bytes_max: 1024 * 1024 * 1024 / TAIL_CACHE_SHARE_DEFAULT,
             unacked_window_max: 100_000,
             writer_threads: WRITER_THREADS_DEFAULT,
+            syncfs: true,
             journal_compact_bytes: 64 * 1024 * 1024,
             journal_defer_ms: 5,
             topics_max: 10_000,

@@ -121,8 +121,8 @@ impl Broker {
         let meta = MetaStore::open(&meta_dir)?;
         let ack_key = AckKey::load_or_create(fs.as_ref(), &dir)?;
         let memory = MemoryBudget::new(&config)?;
-        let writers =
-            WriterPool::new(config.writer_threads).map_err(|e| StorageError::io(&dir, e))?;
+        let writers = WriterPool::with_whole_syncs(config.writer_threads, config.syncfs)
+            .map_err(|e| StorageError::io(&dir, e))?;
         let log_config = topic_log_config(&config, &memory, &writers);
         let journal_config = LogConfig {
             segment_bytes_max: config.segment_bytes_max,

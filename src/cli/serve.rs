@@ -44,6 +44,7 @@ pub const ENV_UNACKED_WINDOW_MAX: &str = "COURIER_UNACKED_WINDOW_MAX";
 pub const ENV_WRITER_THREADS: &str = "COURIER_WRITER_THREADS";
 /// Most `writer_threads`.
 const WRITER_THREADS_MAX: u64 = 64;
+pub const ENV_SYNCFS: &str = "COURIER_SYNCFS";
 pub const ENV_CONNECTIONS_MAX: &str = "COURIER_CONNECTIONS_MAX";
 pub const ENV_HANDSHAKE_TIMEOUT: &str = "COURIER_HANDSHAKE_TIMEOUT";
 
@@ -64,6 +65,27 @@ impl FromStr for LogFormat {
             "human" => Ok(LogFormat::Human),
             "json" => Ok(LogFormat::Json),
             _ => Err(format!("bad log format {s:?}: expected human or json")),
+        }
+    }
+}
+
+/// Whether the writer pool may make a round durable with one `syncfs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum SyncFsMode {
+    /// Where the file system's `syncfs` can be trusted (ext4, XFS, btrfs).
+    #[default]
+    Auto,
+    /// Never: one fdatasync per file written.
+    Off,
+}
+
+impl FromStr for SyncFsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(SyncFsMode::Auto),
+            "off" => Ok(SyncFsMode::Off),
+            _ => Err(format!("bad syncfs mode {s:?}: expected auto or off")),
         }
     }
 }
@@ -116,6 +138,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub writer_threads: Option<u64>,
 
+    /// Sync a round of many logs with one syncfs where the file system allows it (ext4, XFS, btrfs), or off: one fdatasync per file [env: COURIER_SYNCFS] [default: auto]
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub syncfs: Option<SyncFsMode>,
+
     /// Most client connections open at once [env: COURIER_CONNECTIONS_MAX] [default: derived from the file descriptor limit]
     #[arg(long, value_name = "N")]
     pub connections_max: Option<u64>,
@@ -138,6 +164,7 @@ pub struct Settings {
     pub memory_max: Option<u64>,
     pub unacked_window_max: Option<u64>,
     pub writer_threads: Option<u64>,
+    pub syncfs: Option<SyncFsMode>,
     pub connections_max: Option<u64>,
     /// Milliseconds.
     pub handshake_timeout: Option<u64>,
@@ -164,6 +191,7 @@ struct FileConfig {
     memory_max: Option<ByteSize>,
     unacked_window_max: Option<u64>,
     writer_threads: Option<u64>,
+    syncfs: Option<String>,
     connections_max: Option<u64>,
     handshake_timeout: Option<String>,
 }
@@ -211,6 +239,7 @@ impl Settings {
             memory_max: args.memory_max,
             unacked_window_max: args.unacked_window_max,
             writer_threads: args.writer_threads,
+            syncfs: args.syncfs,
             connections_max: args.connections_max,
             handshake_timeout: args.handshake_timeout,
         }
@@ -252,6 +281,11 @@ impl Settings {
             memory_max: parsed(ENV_MEMORY_MAX, get(ENV_MEMORY_MAX), parse::bytes)?,
             unacked_window_max: parsed(ENV_UNACKED_WINDOW_MAX, get(ENV_UNACKED_WINDOW_MAX), count)?,
             writer_threads: parsed(ENV_WRITER_THREADS, get(ENV_WRITER_THREADS), count)?,
+            syncfs: parsed(
+                ENV_SYNCFS,
+                get(ENV_SYNCFS),
+                <SyncFsMode as FromStr>::from_str,
+            )?,
             connections_max: parsed(ENV_CONNECTIONS_MAX, get(ENV_CONNECTIONS_MAX), count)?,
             handshake_timeout: parsed(
                 ENV_HANDSHAKE_TIMEOUT,
@@ -299,6 +333,10 @@ impl Settings {
             memory_max: file.memory_max.map(|b| b.0),
             unacked_window_max: file.unacked_window_max,
             writer_threads: file.writer_threads,
+            syncfs: file
+                .syncfs
+                .map(|v| <SyncFsMode as FromStr>::from_str(&v).map_err(|e| key("syncfs", e)))
+                .transpose()?,
             connections_max: file.connections_max,
             handshake_timeout: file
                 .handshake_timeout
@@ -321,6 +359,7 @@ impl Settings {
             memory_max: self.memory_max.or(lower.memory_max),
             unacked_window_max: self.unacked_window_max.or(lower.unacked_window_max),
             writer_threads: self.writer_threads.or(lower.writer_threads),
+            syncfs: self.syncfs.or(lower.syncfs),
             connections_max: self.connections_max.or(lower.connections_max),
             handshake_timeout: self.handshake_timeout.or(lower.handshake_timeout),
         }
@@ -395,6 +434,9 @@ pub fn merge(flags: Settings, env: Settings, file: Settings) -> anyhow::Result<R
             "writer_threads must be 1 to {WRITER_THREADS_MAX}, not {n}"
         );
         broker.writer_threads = n as usize;
+    }
+    if let Some(mode) = s.syncfs {
+        broker.syncfs = mode == SyncFsMode::Auto;
     }
     if let Some(n) = s.connections_max {
         anyhow::ensure!(n >= 1, "connections_max must be at least 1");
@@ -570,6 +612,7 @@ mod tests {
             tail_cache_bytes = 0
             unacked_window_max = 7
             writer_threads = 3
+            syncfs = "off"
             "#,
         )
         .unwrap();
@@ -590,7 +633,9 @@ mod tests {
         assert_eq!(r.options.broker.tail_cache_bytes_max, 0);
         assert_eq!(r.options.broker.unacked_window_max, 7);
         assert_eq!(r.options.broker.writer_threads, 3);
+        assert!(!r.options.broker.syncfs);
         let d = BrokerConfig::new("x");
+        assert!(d.syncfs, "syncfs is auto by default");
         assert_eq!(r.options.broker.tick_ms, d.tick_ms); // default
     }
 
@@ -619,6 +664,8 @@ mod tests {
             "5",
             "--writer-threads",
             "2",
+            "--syncfs",
+            "off",
             "--connections-max",
             "7",
             "--handshake-timeout",
@@ -639,6 +686,7 @@ mod tests {
                 memory_max: Some(512 << 20),
                 unacked_window_max: Some(5),
                 writer_threads: Some(2),
+                syncfs: Some(SyncFsMode::Off),
                 connections_max: Some(7),
                 handshake_timeout: Some(2000),
             }

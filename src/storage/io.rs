@@ -11,6 +11,10 @@
 //! [`SimFs::set_fail_syncs`] makes syncs fail. Tests use it to check that
 //! every promise of durability is backed by the right sync, and what a
 //! failed sync does.
+//!
+//! [`Fs::whole_sync`] offers, where it can be trusted, one call that makes
+//! every file of a file system durable (`syncfs(2)`), so that the writer
+//! pool makes a round that wrote many files durable with one sync.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -104,6 +108,24 @@ pub trait Fs: Send + Sync + std::fmt::Debug + 'static {
     fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
     /// Makes the directory's entries durable (fsync of the directory).
     fn sync_dir(&self, path: &Path) -> io::Result<()>;
+    /// One sync that makes the contents of every file on the file system
+    /// holding `dir` durable and reports any file's write-back error, or
+    /// `None` where no such sync can be trusted (the writer pool then
+    /// syncs each file it wrote).
+    fn whole_sync(&self, dir: &Path) -> Option<Arc<dyn WholeSync>> {
+        let _ = dir;
+        None
+    }
+}
+
+/// A sync of every file of one file system (see [`Fs::whole_sync`]).
+pub trait WholeSync: Send + Sync + std::fmt::Debug {
+    /// The file system it syncs: two handles with one id sync the same files.
+    fn id(&self) -> u64;
+    /// Makes every file's written contents durable. An error says some
+    /// file's write-back failed, not which one: syncing each file on its
+    /// own then tells.
+    fn sync_all(&self) -> io::Result<()>;
 }
 
 /// The operating system's file system.
@@ -188,6 +210,89 @@ impl Fs for OsFs {
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         std::fs::File::open(path)?.sync_all()
     }
+    fn whole_sync(&self, dir: &Path) -> Option<Arc<dyn WholeSync>> {
+        os_whole_sync(dir).map(|s| s as Arc<dyn WholeSync>)
+    }
+}
+
+/// `syncfs(2)` of one file system, through a directory kept open on it.
+#[derive(Debug)]
+struct SyncFs {
+    dev: u64,
+    dir: std::fs::File,
+}
+
+impl WholeSync for SyncFs {
+    fn id(&self) -> u64 {
+        self.dev
+    }
+    fn sync_all(&self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor; syncfs has no memory effects.
+        if unsafe { libc::syncfs(self.dir.as_raw_fd()) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+/// File systems whose `syncfs` writes back every dirty file, commits it
+/// (journal and device cache flush) and, since Linux 5.8, returns the
+/// write-back errors of any file: ext4 (and ext2/3, same magic), XFS,
+/// btrfs. Others (FUSE, NFS, overlay, tmpfs, …) are not trusted: FUSE
+/// may not pass `syncfs` to its server at all.
+const SYNCFS_TRUSTED: [i64; 3] = [0xEF53, 0x5846_5342, 0x9123_683E];
+
+/// The kernel reports write-back errors from `syncfs` (5.8 and later).
+fn kernel_reports_syncfs_errors() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+            return false;
+        };
+        let mut parts = release.trim().split(['.', '-']);
+        let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        (major, minor) >= (5, 8)
+    })
+}
+
+/// One `SyncFs` per file system for the whole process (a directory
+/// descriptor each), made on first use; `None` where not trusted.
+fn os_whole_sync(dir: &Path) -> Option<Arc<SyncFs>> {
+    use std::os::unix::fs::MetadataExt;
+    type Known = std::collections::HashMap<u64, Option<Arc<SyncFs>>>;
+    static KNOWN: std::sync::OnceLock<Mutex<Known>> = std::sync::OnceLock::new();
+    if !kernel_reports_syncfs_errors() {
+        return None;
+    }
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    let mut known = KNOWN.get_or_init(Default::default).lock();
+    if let Some(found) = known.get(&dev) {
+        return found.clone();
+    }
+    let file = std::fs::File::open(dir).ok()?;
+    let found = fs_type(&file)
+        .filter(|t| SYNCFS_TRUSTED.contains(t))
+        .map(|_| Arc::new(SyncFs { dev, dir: file }));
+    known.insert(dev, found.clone());
+    found
+}
+
+/// The `statfs` magic number of the file system holding `file`.
+fn fs_type(file: &std::fs::File) -> Option<i64> {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: a valid descriptor and a buffer of the right type and size.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: fstatfs filled it.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
+    Some(st.f_type as i64)
 }
 
 /// An in-memory file system that models a volatile page cache.
@@ -215,6 +320,12 @@ struct SimState {
     syncs: u64,
     /// When set, every sync_data fails (a failpoint for error paths).
     fail_syncs: bool,
+    /// Syncs of files below this directory fail (one log's disk failing).
+    fail_syncs_under: Option<PathBuf>,
+    /// Offer a whole sync (a model of a trusted `syncfs`).
+    whole_sync: bool,
+    /// Count of whole syncs.
+    whole_syncs: u64,
     /// When set, the bytes files may still grow by: a write past it writes
     /// what fits and fails with ENOSPC (a full disk).
     space_left: Option<u64>,
@@ -235,6 +346,8 @@ struct SimData {
 struct SimFile {
     inode: Arc<SimInode>,
     fs: Arc<Mutex<SimState>>,
+    /// The path it was opened by (for `fail_syncs_under`).
+    path: PathBuf,
 }
 
 impl File for SimFile {
@@ -280,7 +393,7 @@ impl File for SimFile {
         Ok(self.inode.data.lock().cached.len() as u64)
     }
     fn sync_data(&self) -> io::Result<()> {
-        if self.fs.lock().fail_syncs {
+        if self.fs.lock().fails_sync(&self.path) {
             return Err(io::Error::other("injected sync failure"));
         }
         {
@@ -319,6 +432,49 @@ fn not_found() -> io::Error {
     io::ErrorKind::NotFound.into()
 }
 
+impl SimState {
+    fn fails_sync(&self, path: &Path) -> bool {
+        self.fail_syncs
+            || self
+                .fail_syncs_under
+                .as_ref()
+                .is_some_and(|dir| path.starts_with(dir))
+    }
+}
+
+/// [`SimFs`]'s whole sync: every file's contents become durable, except
+/// those of files whose syncs fail, and then the sync fails.
+#[derive(Debug)]
+struct SimWholeSync {
+    fs: Arc<Mutex<SimState>>,
+}
+
+impl WholeSync for SimWholeSync {
+    fn id(&self) -> u64 {
+        Arc::as_ptr(&self.fs) as u64
+    }
+    fn sync_all(&self) -> io::Result<()> {
+        let mut state = self.fs.lock();
+        if state.fail_syncs {
+            return Err(io::Error::other("injected sync failure"));
+        }
+        let mut failed = false;
+        for (path, ino) in &state.cached {
+            if state.fails_sync(path) {
+                failed = true;
+                continue;
+            }
+            let mut data = state.inodes[ino].data.lock();
+            data.durable = data.cached.clone();
+        }
+        state.whole_syncs += 1;
+        if failed {
+            return Err(io::Error::other("injected sync failure"));
+        }
+        Ok(())
+    }
+}
+
 impl SimFs {
     pub fn new() -> Self {
         Self::default()
@@ -349,9 +505,26 @@ impl SimFs {
         self.inner.lock().fail_syncs = fail;
     }
 
+    /// Makes syncs of every file below `dir` fail (or, with `None`,
+    /// succeed again), whether synced one by one or by a whole sync.
+    pub fn set_fail_syncs_under(&self, dir: Option<&Path>) {
+        self.inner.lock().fail_syncs_under = dir.map(Path::to_path_buf);
+    }
+
+    /// Offers [`Fs::whole_sync`] (off by default: like FUSE, the model
+    /// then only knows per-file syncs).
+    pub fn set_whole_sync(&self, on: bool) {
+        self.inner.lock().whole_sync = on;
+    }
+
     /// Number of `sync_data` calls so far.
     pub fn sync_count(&self) -> u64 {
         self.inner.lock().syncs
+    }
+
+    /// Number of whole syncs so far.
+    pub fn whole_sync_count(&self) -> u64 {
+        self.inner.lock().whole_syncs
     }
 
     /// Mutates the cached and durable contents of a file in place (for
@@ -398,6 +571,7 @@ impl Fs for SimFs {
         Ok(Arc::new(SimFile {
             inode,
             fs: self.inner.clone(),
+            path: path.to_path_buf(),
         }))
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
@@ -487,5 +661,12 @@ impl Fs for SimFs {
         state.durable.retain(|p, _| p.parent() != Some(path));
         state.durable.extend(cached);
         Ok(())
+    }
+    fn whole_sync(&self, _dir: &Path) -> Option<Arc<dyn WholeSync>> {
+        self.inner.lock().whole_sync.then(|| {
+            Arc::new(SimWholeSync {
+                fs: self.inner.clone(),
+            }) as Arc<dyn WholeSync>
+        })
     }
 }

@@ -28,7 +28,7 @@ pub mod state;
 pub use error::{Result, StorageError};
 pub use log::{
     AppendTicket, Appended, Log, LogConfig, LogStats, ReadBatch, ReadLimits, RecoveryReport,
-    SharedMemory, WriterPool,
+    SharedMemory, WriterPool, WriterStats,
 };
 pub use record::{Attribute, NewRecord, Record, Target};
 

@@ -131,50 +131,77 @@ impl Ctx {
         subscriptions: u32,
     ) -> anyhow::Result<(String, Vec<String>)> {
         let topic = format!("bench-{workload}-{}", random_hex());
-        self.client(0)
-            .admin()
-            .create_topic(CreateTopicRequest {
-                name: topic.clone(),
-                retention: None,
-            })
-            .await
-            .map_err(self.err(format_args!("topic create {topic:?}")))?;
         self.topics.push(topic.clone());
-        let mut subs = Vec::new();
-        for i in 0..subscriptions {
-            let name = format!("{topic}-s{i}");
-            let sub = Subscription {
-                name: name.clone(),
-                topic: topic.clone(),
-                ..Subscription::default()
-            };
-            self.client(0)
-                .create_subscription(sub)
-                .await
-                .map_err(self.err(format_args!("sub create {name:?}")))?;
-            subs.push(name);
-        }
+        let subs = create_topic(&self.server, self.client(0), &topic, subscriptions).await?;
         Ok((topic, subs))
     }
 
+    /// Creates `topics` topics `bench-<workload>-<random>-t<i>`, each with
+    /// `subscriptions` subscriptions, [`ADMIN_CONCURRENCY`] at a time over
+    /// the connections; returns the topic names.
+    pub(super) async fn create_topics(
+        &mut self,
+        workload: &str,
+        topics: u32,
+        subscriptions: u32,
+    ) -> anyhow::Result<Vec<String>> {
+        if topics == 1 {
+            return Ok(vec![self.create(workload, subscriptions).await?.0]);
+        }
+        let prefix = format!("bench-{workload}-{}", random_hex());
+        let names: Vec<String> = (0..topics).map(|i| format!("{prefix}-t{i}")).collect();
+        // Registered first: an interrupted creation is cleaned up too.
+        self.topics.extend(names.iter().cloned());
+        let bar = self.bar(u64::from(topics), format!("create {topics} topics"));
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(ADMIN_CONCURRENCY));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, topic) in names.iter().enumerate() {
+            let permit = gate.clone().acquire_owned().await?;
+            let (server, client, topic) =
+                (self.server.clone(), self.client(i).clone(), topic.clone());
+            let bar = bar.clone();
+            tasks.spawn(async move {
+                let _permit = permit;
+                create_topic(&server, &client, &topic, subscriptions).await?;
+                bar.inc(1);
+                anyhow::Ok(())
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            joined.context("create task")??;
+        }
+        bar.finish_and_clear();
+        Ok(names)
+    }
+
     /// Deletes the topics (with their subscriptions) of the current step,
-    /// unless `--keep`. Failures are warnings: the figures stand.
+    /// unless `--keep`, [`ADMIN_CONCURRENCY`] at a time. Failures are
+    /// warnings: the figures stand.
     pub(super) async fn cleanup(&mut self) {
         let topics = std::mem::take(&mut self.topics);
         if self.keep || self.clients.is_empty() {
             return;
         }
-        for topic in topics {
-            let request = DeleteTopicRequest {
-                name: topic.clone(),
-                force: true,
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(ADMIN_CONCURRENCY));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, topic) in topics.into_iter().enumerate() {
+            let Ok(permit) = gate.clone().acquire_owned().await else {
+                break;
             };
-            if let Err(status) = self.client(0).admin().delete_topic(request).await {
-                let line =
-                    rpc_error_line(&self.server, &format!("topic delete {topic:?}"), &status);
-                eprintln!("warning: {line}");
-            }
+            let (server, client) = (self.server.clone(), self.client(i).clone());
+            tasks.spawn(async move {
+                let _permit = permit;
+                let request = DeleteTopicRequest {
+                    name: topic.clone(),
+                    force: true,
+                };
+                if let Err(status) = client.admin().delete_topic(request).await {
+                    let line = rpc_error_line(&server, &format!("topic delete {topic:?}"), &status);
+                    eprintln!("warning: {line}");
+                }
+            });
         }
+        while tasks.join_next().await.is_some() {}
     }
 
     /// Stops a spawned broker and removes its data directory unless
@@ -196,6 +223,42 @@ impl Ctx {
         }
         Ok(())
     }
+}
+
+/// Admin calls (create, delete) the bench makes at once.
+const ADMIN_CONCURRENCY: usize = 16;
+
+/// Creates `topic` with `subscriptions` subscriptions `<topic>-s<i>`;
+/// returns their names.
+async fn create_topic(
+    server: &str,
+    client: &Client,
+    topic: &str,
+    subscriptions: u32,
+) -> anyhow::Result<Vec<String>> {
+    client
+        .admin()
+        .create_topic(CreateTopicRequest {
+            name: topic.to_string(),
+            retention: None,
+        })
+        .await
+        .map_err(|e| rpc_error(server, &format!("topic create {topic:?}"), e))?;
+    let mut subs = Vec::new();
+    for i in 0..subscriptions {
+        let name = format!("{topic}-s{i}");
+        let sub = Subscription {
+            name: name.clone(),
+            topic: topic.to_string(),
+            ..Subscription::default()
+        };
+        client
+            .create_subscription(sub)
+            .await
+            .map_err(|e| rpc_error(server, &format!("sub create {name:?}"), e))?;
+        subs.push(name);
+    }
+    Ok(subs)
 }
 
 /// The error for a failed RPC, in the CLI's usual wording.

@@ -110,6 +110,7 @@ const LATENCY_HEADER_BYTES: usize = 16;
 const RATE_MAX: u64 = 10_000_000;
 const CONNECTIONS_MAX: i64 = 64;
 const SUBSCRIPTIONS_MAX: i64 = 1_000;
+const TOPICS_MAX: i64 = 100_000;
 
 /// Which workload `courier bench` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -163,6 +164,10 @@ pub struct BenchArgs {
     /// slow-consumers: StreamingPull streams that never read [default: 6]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=SLOW_STREAMS_MAX))]
     pub streams: Option<u32>,
+    /// publish: topics the publishers spread over, one subscription each [default: 1]
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=TOPICS_MAX))]
+    pub topics: Option<u32>,
     /// fanout: subscriptions on the topic [default: 10]
     #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=SUBSCRIPTIONS_MAX))]
@@ -341,6 +346,7 @@ impl BenchArgs {
             self.subscriptions.is_some(),
             &[Fanout, All],
         )?;
+        unused("--topics", self.topics.is_some(), &[Publish])?;
         unused("--rate", self.rate.is_some(), &[Latency, All])?;
         unused("--streams", self.streams.is_some(), &[SlowConsumers])?;
         unused("--duration", self.duration.is_some(), &[Latency, All])?;
@@ -413,6 +419,7 @@ impl BenchArgs {
         let mut p = Params {
             messages: 0,
             size,
+            topics: 1,
             subscriptions: 1,
             batch,
             in_flight,
@@ -425,6 +432,7 @@ impl BenchArgs {
         match step {
             Step::Publish => {
                 p.messages = self.messages.unwrap_or(PUBLISH_MESSAGES);
+                p.topics = self.topics.unwrap_or(1);
                 p.max_outstanding = None;
             }
             Step::Fanout { subscriptions } => {

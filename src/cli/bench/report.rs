@@ -281,6 +281,9 @@ pub(super) struct Params {
     pub(super) messages: u64,
     /// Payload bytes per message.
     pub(super) size: u64,
+    /// Topics published to (publish: the calls go round robin over them,
+    /// each with one subscription).
+    pub(super) topics: u32,
     /// Subscriptions on the topic.
     pub(super) subscriptions: u32,
     /// Messages per Publish call.
@@ -389,6 +392,9 @@ impl Params {
             self.in_flight,
             self.connections
         );
+        if self.topics > 1 {
+            s.push_str(&format!(", {} topics", thousands(f64::from(self.topics))));
+        }
         if let Some(n) = self.max_outstanding {
             s.push_str(&format!(", max outstanding {n}"));
         }

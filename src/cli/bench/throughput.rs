@@ -11,16 +11,16 @@ use tokio::task::JoinSet;
 use super::ctx::Ctx;
 use super::report::{DiskUsage, DrainResult, FanoutResult, Params, PublishResult};
 use super::stats::{Percentiles, mb_rate, per_message, rate, secs};
-use super::traffic::{Consumed, consume, open_stream, publish_all};
+use super::traffic::{Consumed, consume, open_stream, publish_all, publish_spread};
 
-/// `publish`: 1 topic, 1 subscription; publish `messages` and time it until
-/// the last confirmation.
+/// `publish`: `p.topics` topics (1 by default) with 1 subscription each;
+/// publish `messages` over them and time it until the last confirmation.
 pub(super) async fn publish(ctx: &mut Ctx, p: &Params) -> anyhow::Result<PublishResult> {
-    let (topic, _subs) = ctx.create("publish", 1).await?;
+    let topics = ctx.create_topics("publish", p.topics, 1).await?;
     let bar = ctx.bar(p.messages, "publish");
-    let published = publish_all(ctx, &topic, p.messages, p, &bar).await?;
+    let published = publish_spread(ctx, &topics, p.messages, p, &bar).await?;
     Ok(PublishResult {
-        topic,
+        topic: topics[0].clone(),
         params: p.clone(),
         published: p.messages,
         elapsed_s: secs(published.elapsed),

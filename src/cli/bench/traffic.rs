@@ -60,6 +60,19 @@ pub(super) async fn publish_all(
     p: &Params,
     bar: &ProgressBar,
 ) -> anyhow::Result<Published> {
+    publish_spread(ctx, &[topic.to_string()], messages, p, bar).await
+}
+
+/// [`publish_all`] over several topics: the n-th Publish call goes to
+/// topic n modulo their number.
+pub(super) async fn publish_spread(
+    ctx: &Ctx,
+    topics: &[String],
+    messages: u64,
+    p: &Params,
+    bar: &ProgressBar,
+) -> anyhow::Result<Published> {
+    let topics: Arc<[String]> = topics.into();
     let data = payload(p.size);
     let next = Arc::new(AtomicU64::new(0));
     let batch = u64::from(p.batch);
@@ -67,7 +80,7 @@ pub(super) async fn publish_all(
     let mut tasks = JoinSet::new();
     for worker in 0..p.publish_concurrency {
         let client = ctx.client(worker as usize).clone();
-        let (topic, server) = (topic.to_string(), ctx.server.clone());
+        let (topics, server) = (topics.clone(), ctx.server.clone());
         let (next, data, bar) = (next.clone(), data.clone(), bar.clone());
         tasks.spawn(async move {
             let mut calls = 0u64;
@@ -78,6 +91,7 @@ pub(super) async fn publish_all(
                     break;
                 }
                 let n = batch.min(messages - first);
+                let topic = &topics[((first / batch) % topics.len() as u64) as usize];
                 let batch: Vec<PublishMessage> = (0..n)
                     .map(|_| PublishMessage {
                         data: data.clone(),
@@ -86,7 +100,7 @@ pub(super) async fn publish_all(
                     .collect();
                 let sent = Instant::now();
                 let ids = client
-                    .publish(&topic, batch)
+                    .publish(topic, batch)
                     .await
                     .map_err(|e| rpc_error(&server, &format!("publish to {topic:?}"), e))?;
                 call_latency.saturating_record(micros(sent.elapsed()));

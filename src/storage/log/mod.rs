@@ -39,8 +39,8 @@ mod retention;
 mod segments;
 mod writer;
 
-pub use pool::WriterPool;
 use pool::{Sched, Worker};
+pub use pool::{WriterPool, WriterStats};
 
 use read::read_segment;
 use segments::{create_segment, recover_segment};
@@ -57,7 +57,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
 use crate::storage::cache::{CacheBudget, TailCache};
 use crate::storage::error::{Result, StorageError};
-use crate::storage::io::{File, Fs};
+use crate::storage::io::{File, Fs, WholeSync};
 use crate::storage::record::{self, NewRecord, Record};
 use crate::storage::segment::{self, IndexBuilder, IndexEntry, SEGMENT_HEADER_BYTES};
 use crate::storage::{FsyncMode, Offset};
@@ -316,6 +316,9 @@ struct Shared {
     /// is done with a closed log.
     worker: Arc<Worker>,
     sched: Mutex<Sched>,
+    /// The sync of this log's whole file system its worker's rounds may
+    /// use in place of an fdatasync of its file.
+    whole_sync: Option<Arc<dyn WholeSync>>,
     finished: Condvar,
     segments: RwLock<Vec<Arc<Segment>>>,
     visible_next: AtomicU64,
@@ -480,6 +483,11 @@ impl Log {
             Some(pool) => pool.clone(),
             None => WriterPool::new(1).map_err(|e| StorageError::io(dir, e))?,
         };
+        let whole_sync = if pool.whole_syncs() {
+            fs.whole_sync(dir)
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             fs,
@@ -490,6 +498,7 @@ impl Log {
             }),
             worker: pool.assign(),
             sched: Mutex::new(Sched::default()),
+            whole_sync,
             finished: Condvar::new(),
             segments: RwLock::new(segments),
             visible_next: AtomicU64::new(next.0),

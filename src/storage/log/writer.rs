@@ -1,7 +1,8 @@
-//! The log's writer thread: it takes the pending buffer, writes it (rolling
-//! segments), syncs under the fsync mode, completes the appends, and on a
-//! failed write or sync rewinds the log to a state it can account for
-//! (steps 2–4 of the write path in mod.rs).
+//! Writing one log for the writer pool: take the pending buffer, write it
+//! (rolling segments), hand it to the pool's round for its sync under the
+//! fsync mode, then complete the appends; on a failed write or sync, rewind
+//! the log to a state it can account for (steps 2–4 of the write path in
+//! mod.rs).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -194,11 +195,54 @@ pub(super) enum Next {
     Finished,
 }
 
+/// What serving a log did.
+#[derive(Debug)]
+pub(super) enum Served {
+    /// Done for now; the worker acts on [`Next`].
+    Next(Next),
+    /// Written (or due for an interval sync) and waiting for its round's
+    /// sync: the worker syncs every log of the round, then calls
+    /// [`finish`] with the outcome.
+    Sync(Unsynced),
+}
+
+/// Batches written to a log's file that complete once the file is synced.
+#[derive(Debug)]
+pub(super) struct Unsynced {
+    /// `None` for an interval sync with nothing new written.
+    written: Option<Written>,
+    /// The file to sync (the active segment after the write: a roll
+    /// synced the one before).
+    segment: Arc<Segment>,
+}
+
+impl Unsynced {
+    /// Syncs this log's file on its own.
+    pub(super) fn sync_file(&self) -> Result<()> {
+        self.segment.sync_data()
+    }
+}
+
+/// Batches written to the file, readable by the log's own writer paths
+/// but not yet visible or complete.
+#[derive(Debug)]
+pub(super) struct Written {
+    batches: Vec<PendingBatch>,
+    next: Offset,
+}
+
 /// Serves one log once: retries a failed log's rewind when due, writes
-/// what is queued (with its fdatasync under `always`), makes an interval
-/// sync that is due, or finishes a closed log. Never blocks waiting for
-/// work: the pool's worker calls it again as [`Next`] says.
-pub(super) fn serve(shared: &Shared) -> Next {
+/// what is queued, makes an interval sync that is due, or finishes a closed
+/// log. A write that must be synced (under `always`, or with an interval
+/// sync due) comes back as [`Served::Sync`], so that one round's syncs
+/// cover many logs. Never blocks waiting for work: the pool's worker calls
+/// it again as [`Next`] says.
+///
+/// Between a write and its [`finish`] nobody else writes the log: only
+/// `never` writes inline (see `Log::write_inline`), and `never` has no
+/// syncs to wait for.
+pub(super) fn serve(shared: &Shared) -> Served {
+    let next = |n| Served::Next(n);
     let interval = match shared.config.fsync {
         FsyncMode::Interval(ms) => Some(Duration::from_millis(ms.max(1))),
         _ => None,
@@ -207,7 +251,7 @@ pub(super) fn serve(shared: &Shared) -> Next {
     let pending = shared.pending.lock();
     if pending.failed.is_some() {
         if pending.closed {
-            return Next::Finished;
+            return next(Next::Finished);
         }
         drop(pending);
         let due = *shared
@@ -216,12 +260,12 @@ pub(super) fn serve(shared: &Shared) -> Next {
             .recover_at
             .get_or_insert(now + RECOVER_EVERY);
         if now < due {
-            return Next::At(due);
+            return next(Next::At(due));
         }
         shared.sched.lock().recover_at = None;
         let _writing = shared.write_lock.lock();
         shared.recover();
-        return Next::Again;
+        return next(Next::Again);
     }
     if pending.batches.is_empty() && pending.closed {
         drop(pending);
@@ -232,7 +276,7 @@ pub(super) fn serve(shared: &Shared) -> Next {
                 tracing::error!(dir = %shared.dir.display(), error = %e, "final sync failed");
             }
         }
-        return Next::Finished;
+        return next(Next::Finished);
     }
     let (unsynced, last_sync) = {
         let sched = shared.sched.lock();
@@ -251,7 +295,7 @@ pub(super) fn serve(shared: &Shared) -> Next {
                 .map(|since| since + shared.config.defer_max);
             if let Some(due) = deferred.into_iter().chain(sync_due).min() {
                 if now < due {
-                    return Next::At(due);
+                    return next(Next::At(due));
                 }
             }
         }
@@ -261,49 +305,66 @@ pub(super) fn serve(shared: &Shared) -> Next {
         let writing = shared.write_lock.lock();
         let (buf, batches, roll) = shared.pending.lock().take();
         if batches.is_empty() {
-            return Next::Again; // an inline writer took them first
+            return next(Next::Again); // an inline writer took them first
         }
         let sync = shared.config.fsync == FsyncMode::Always
             || interval.is_some_and(|every| last_sync.elapsed() >= every);
-        let written = complete_write(shared, buf, batches, roll, sync);
+        let written = write_taken(shared, buf, batches, roll);
         drop(writing);
-        if written {
-            let mut sched = shared.sched.lock();
-            if sync {
-                sched.unsynced = false;
-                sched.last_sync = Instant::now();
-            } else {
-                sched.unsynced = true;
-            }
+        let Some(written) = written else {
+            return next(Next::Again); // failed, and rewound
+        };
+        if sync {
+            return Served::Sync(Unsynced {
+                written: Some(written),
+                segment: shared.active(),
+            });
         }
-        return Next::Again;
+        complete(shared, written);
+        shared.sched.lock().unsynced = true;
+        return next(Next::Again);
     }
     drop(pending);
     match sync_due {
-        Some(due) if now < due => Next::At(due),
-        Some(_) => {
-            // An interval sync with nothing new queued.
-            let _writing = shared.write_lock.lock();
-            if let Err(err) = shared.active().sync_data() {
-                tracing::error!(dir = %shared.dir.display(), error = %err, "fdatasync failed; rewinding to the last successful one");
-                let synced = *shared.synced.lock();
-                shared.rewind(synced, &err, Vec::new());
-            } else {
-                *shared.synced.lock() = shared.mark();
-            }
-            let mut sched = shared.sched.lock();
-            sched.unsynced = false;
-            sched.last_sync = Instant::now();
-            Next::Idle
-        }
-        None => Next::Idle,
+        Some(due) if now < due => next(Next::At(due)),
+        // An interval sync with nothing new queued.
+        Some(_) => Served::Sync(Unsynced {
+            written: None,
+            segment: shared.active(),
+        }),
+        None => next(Next::Idle),
     }
 }
 
+/// Completes a log's part of a round once its sync is done: on success
+/// the written batches become visible and complete; on failure they fail
+/// and the log rewinds to its last successful sync.
+pub(super) fn finish(shared: &Shared, round: Unsynced, synced: Result<()>) -> Next {
+    let wrote = round.written.is_some();
+    match synced {
+        Ok(()) => {
+            *shared.synced.lock() = shared.mark();
+            if let Some(written) = round.written {
+                complete(shared, written);
+            }
+        }
+        Err(err) => {
+            tracing::error!(dir = %shared.dir.display(), error = %err, "fdatasync failed; rewinding to the last successful one");
+            let to = *shared.synced.lock();
+            let batches = round.written.map(|w| w.batches).unwrap_or_default();
+            shared.rewind(to, &err, batches);
+        }
+    }
+    let mut sched = shared.sched.lock();
+    sched.unsynced = false;
+    sched.last_sync = Instant::now();
+    if wrote { Next::Again } else { Next::Idle }
+}
+
 /// Writes taken batches, syncs them if `sync`, makes them visible and
-/// completes them. On a failed write or sync the batches fail and the log
-/// rewinds (see the module docs). Returns false if the log is failed. The
-/// caller holds the write lock.
+/// completes them, all on the caller's thread. On a failed write or sync
+/// the batches fail and the log rewinds (see the module docs). Returns
+/// false if the log is failed. The caller holds the write lock.
 pub(super) fn complete_write(
     shared: &Shared,
     buf: Bytes,
@@ -311,34 +372,56 @@ pub(super) fn complete_write(
     roll: bool,
     sync: bool,
 ) -> bool {
-    let before = shared.mark();
-    if let Err(err) = write_batches(shared, &buf, &batches, roll) {
-        tracing::error!(dir = %shared.dir.display(), error = %err, "log write failed; rewinding to before it");
-        return shared.rewind(before, &err, batches);
-    }
-    let last = batches.last().expect("non-empty").appended.last_offset;
-    let first = batches[0].appended.base_offset;
-    shared.cache.push(first, Offset(last.0 + 1), buf);
-    shared.written_next.store(last.0 + 1, Ordering::Release);
-    shared.written_tx.send_replace(Offset(last.0 + 1));
+    let Some(written) = write_taken(shared, buf, batches, roll) else {
+        return false;
+    };
     if sync {
         if let Err(err) = shared.active().sync_data() {
             tracing::error!(error = %err, "fdatasync failed; rewinding to the last successful one");
             let synced = *shared.synced.lock();
-            return shared.rewind(synced, &err, batches);
+            return shared.rewind(synced, &err, written.batches);
         }
         *shared.synced.lock() = shared.mark();
     }
-    shared.visible_next.store(last.0 + 1, Ordering::Release);
-    shared.visible_tx.send_replace(Offset(last.0 + 1));
-    for batch in batches {
+    complete(shared, written);
+    true
+}
+
+/// Writes taken batches to the file and the tail cache. On a failed
+/// write the batches fail and the log rewinds to before them (`None`).
+fn write_taken(
+    shared: &Shared,
+    buf: Bytes,
+    batches: Vec<PendingBatch>,
+    roll: bool,
+) -> Option<Written> {
+    let before = shared.mark();
+    if let Err(err) = write_batches(shared, &buf, &batches, roll) {
+        tracing::error!(dir = %shared.dir.display(), error = %err, "log write failed; rewinding to before it");
+        shared.rewind(before, &err, batches);
+        return None;
+    }
+    let last = batches.last().expect("non-empty").appended.last_offset;
+    let first = batches[0].appended.base_offset;
+    let next = Offset(last.0 + 1);
+    shared.cache.push(first, next, buf);
+    shared.written_next.store(next.0, Ordering::Release);
+    shared.written_tx.send_replace(next);
+    Some(Written { batches, next })
+}
+
+/// Makes written (and, as the mode asks, synced) batches visible and
+/// completes them.
+fn complete(shared: &Shared, written: Written) {
+    shared.visible_next.store(written.next.0, Ordering::Release);
+    shared.visible_tx.send_replace(written.next);
+    for batch in written.batches {
         let _ = batch.done.send(Ok(batch.appended));
     }
     if shared.write_error.lock().is_some() {
         *shared.write_error.lock() = None;
         tracing::info!(dir = %shared.dir.display(), "log writes again");
     }
-    true
 }
 
 /// Writes the taken batches: one write per segment touched, rolling first
