@@ -4,7 +4,12 @@
 //! for the common calls. For anything else, take a generated client with
 //! [`Client::publisher`], [`Client::subscriber`] or [`Client::admin`] and
 //! call it directly; the `.proto` comments are the reference for semantics
-//! and error codes.
+//! and error codes. [`Publisher`] publishes one message at a time over a
+//! `PublishStream`, batching them for the caller.
+
+mod publisher;
+
+pub use publisher::{Publisher, PublisherSettings};
 
 use std::time::Duration;
 

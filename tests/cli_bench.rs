@@ -113,6 +113,47 @@ async fn publish_reports_every_message_and_cleans_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_message_publishers_spread_over_topics_through_the_stream_publisher() {
+    let server = TestServer::start().await;
+    let report = bench_json(
+        &server.url(),
+        &[
+            "--messages",
+            "1000",
+            "--topics",
+            "5",
+            "--publisher",
+            "stream",
+            "--in-flight",
+            "50",
+            "--keep",
+        ],
+    );
+    let r = &report["results"][0];
+    assert_eq!(r["params"]["publisher"], "stream");
+    assert_eq!(u(&r["params"], "topics"), 5);
+    assert_eq!(u(r, "published"), 1000);
+    // A call is one message.
+    assert_eq!(u(r, "publish_calls"), 1000);
+    check_percentiles(&r["publish_call_latency"], 1000);
+    let topics = bench_topics(&server).await;
+    assert_eq!(topics.len(), 5, "{topics:?}");
+    let mut clients = server.clients().await;
+    for name in topics {
+        let stats = clients
+            .admin
+            .get_topic_stats(courier::api::pb::v1::GetTopicStatsRequest { name: name.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            stats.next_offset, 200,
+            "{name}: message n goes to topic n mod 5"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_messages_get_a_batch_the_broker_accepts() {
     let server = TestServer::start().await;
     // 1 MiB messages: the default batch of 100 would be 100 MiB a call.

@@ -95,6 +95,8 @@ struct Inner {
     /// Serializes admin changes (create, delete, update).
     admin: tokio::sync::Mutex<()>,
     shutting_down: AtomicBool,
+    /// Turns true with `shutting_down`, for tasks that wait on it.
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
     started: Instant,
     next_consumer: AtomicU64,
     ticker: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -181,6 +183,7 @@ impl Broker {
                 subs: RwLock::new(HashMap::new()),
                 admin: tokio::sync::Mutex::new(()),
                 shutting_down: AtomicBool::new(false),
+                shutdown_tx: tokio::sync::watch::Sender::new(false),
                 started: Instant::now(),
                 next_consumer: AtomicU64::new(1),
                 ticker: Mutex::new(None),
@@ -289,9 +292,16 @@ impl Broker {
         self.inner.shutting_down.load(Ordering::Acquire)
     }
 
+    /// Resolves once the broker starts shutting down.
+    pub async fn shutting_down(&self) {
+        let mut rx = self.inner.shutdown_tx.subscribe();
+        let _ = rx.wait_for(|down| *down).await;
+    }
+
     /// Starts shutting down: new operations fail with `ShuttingDown`.
     pub fn begin_shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::Release);
+        self.inner.shutdown_tx.send_replace(true);
         for sub in self.inner.subs.read().values() {
             sub.wake_all();
         }

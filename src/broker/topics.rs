@@ -13,7 +13,7 @@ use super::{
 };
 use crate::storage::definition;
 use crate::storage::meta::{Retention, RetentionMode, TopicDef};
-use crate::storage::{Appended, NewRecord, StorageError};
+use crate::storage::{AppendTicket, Appended, NewRecord, StorageError};
 
 /// Topic figures.
 #[derive(Debug, Clone, Copy)]
@@ -294,6 +294,18 @@ impl Broker {
     /// Appends a batch to a topic; returns once it is durable under the
     /// fsync mode. Message ids are the offsets of the batch.
     pub async fn publish(&self, topic: &str, messages: Vec<NewRecord>) -> Result<Appended> {
+        Ok(self.publish_queued(topic, messages).await?.wait().await?)
+    }
+
+    /// Like [`Broker::publish`], but returns once the batch is queued in
+    /// the topic's log, with the ticket of its completion: batches queued
+    /// one after the other to a topic are appended in that order
+    /// (PublishStream relies on it).
+    pub async fn publish_queued(
+        &self,
+        topic: &str,
+        messages: Vec<NewRecord>,
+    ) -> Result<AppendTicket> {
         self.check_running()?;
         if messages.is_empty() {
             return Err(BrokerError::invalid(
@@ -316,7 +328,7 @@ impl Broker {
         }
         let topic = self.topic(topic)?;
         topic.check_room(&messages)?;
-        Ok(topic.log.append(&messages).await?)
+        Ok(topic.log.append_queued(&messages).await?)
     }
 
     /// Checks a message's limits; errors name `{prefix}.{field}`.

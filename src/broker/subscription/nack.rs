@@ -234,12 +234,24 @@ impl Subscription {
     /// Expires due leases and wakes waiters if redeliveries are due.
     /// Called by the broker's ticker.
     pub async fn tick(&self) {
+        let now = Instant::now();
+        {
+            // Most subscriptions have nothing due: that costs one lock and
+            // no copy of the definition.
+            let core = self.core.lock();
+            let expiry_due = core.deadlines.first().is_some_and(|&(at, _)| at <= now);
+            let dead_letter_due = core.dead_letter_due.iter().any(|d| d.not_before <= now);
+            let ready_due = core.ready.first().is_some_and(|(at, _)| *at <= now);
+            if !expiry_due && !dead_letter_due && !ready_due {
+                self.report_notes(&core);
+                return;
+            }
+        }
         let attempts_max = self.attempts_max();
-        let retry = self.def().retry;
+        let retry = self.def.read().retry;
         let mut to_dead_letter = Vec::new();
         let wake = {
             let mut core = self.core.lock();
-            let now = Instant::now();
             while let Some(&(deadline, offset)) = core.deadlines.first() {
                 if deadline > now {
                     break;

@@ -112,6 +112,17 @@ const CONNECTIONS_MAX: i64 = 64;
 const SUBSCRIPTIONS_MAX: i64 = 1_000;
 const TOPICS_MAX: i64 = 100_000;
 
+/// How the bench's publishers publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishApi {
+    /// Unary Publish calls of --batch messages.
+    #[default]
+    Unary,
+    /// One message per call of courier::client::Publisher, which batches them onto a PublishStream.
+    Stream,
+}
+
 /// Which workload `courier bench` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -186,6 +197,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=PUBLISH_BATCH_MESSAGES_MAX as i64))]
     pub batch: Option<u32>,
+    /// How publishers publish: unary (Publish calls of --batch messages) or stream (one message per call of the batching client Publisher over PublishStream; --in-flight publishers)
+    #[arg(long, value_enum, value_name = "API", default_value_t = PublishApi::Unary)]
+    pub publisher: PublishApi,
     /// gRPC connections (HTTP/2) that publishers and consumers spread over
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..=CONNECTIONS_MAX))]
@@ -419,6 +433,7 @@ impl BenchArgs {
         let mut p = Params {
             messages: 0,
             size,
+            publisher: self.publisher,
             topics: 1,
             subscriptions: 1,
             batch,

@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use super::super::output::count;
+use super::PublishApi;
 use super::stats::Percentiles;
 use super::{DEFAULT_MAX_OUTSTANDING, Workload};
 
@@ -286,8 +287,12 @@ pub(super) struct Params {
     pub(super) topics: u32,
     /// Subscriptions on the topic.
     pub(super) subscriptions: u32,
-    /// Messages per Publish call.
+    /// Messages per Publish call (publisher `stream`: per `publish` call, 1).
     pub(super) batch: u32,
+    /// How messages are published: `unary` Publish calls of `batch`
+    /// messages, or `stream`: one message per call of the client's
+    /// batching Publisher over PublishStream.
+    pub(super) publisher: PublishApi,
     /// Most unconfirmed messages per publisher.
     pub(super) in_flight: u64,
     /// Concurrent Publish calls: max(1, in_flight / batch) (latency: as
@@ -392,6 +397,9 @@ impl Params {
             self.in_flight,
             self.connections
         );
+        if self.publisher == PublishApi::Stream {
+            s.push_str(", publisher stream");
+        }
         if self.topics > 1 {
             s.push_str(&format!(", {} topics", thousands(f64::from(self.topics))));
         }

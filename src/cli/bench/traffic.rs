@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tonic::Streaming;
 
+use super::PublishApi;
 use super::ctx::{Ctx, rpc_error};
 use super::report::Params;
 use super::stats::{histogram, micros};
@@ -23,7 +24,7 @@ use crate::api::pb::v1::{
     AckStatus, PublishMessage, ReceivedMessage, StreamingPullRequest, StreamingPullResponse,
 };
 use crate::broker::config::ACK_IDS_PER_REQUEST_MAX;
-use crate::client::Client;
+use crate::client::{Client, Publisher, PublisherSettings};
 
 /// A consumer that receives nothing for this long fails the run.
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -72,6 +73,9 @@ pub(super) async fn publish_spread(
     p: &Params,
     bar: &ProgressBar,
 ) -> anyhow::Result<Published> {
+    if p.publisher == PublishApi::Stream {
+        return publish_streamed(ctx, topics, messages, p, bar).await;
+    }
     let topics: Arc<[String]> = topics.into();
     let data = payload(p.size);
     let next = Arc::new(AtomicU64::new(0));
@@ -112,6 +116,73 @@ pub(super) async fn publish_spread(
                 }
                 calls += 1;
                 bar.inc(n);
+            }
+            anyhow::Ok((calls, call_latency))
+        });
+    }
+    let mut calls = 0;
+    let mut call_latency = histogram();
+    while let Some(joined) = tasks.join_next().await {
+        let (c, h) = joined.context("publisher task")??;
+        calls += c;
+        call_latency
+            .add(&h)
+            .map_err(|e| anyhow!("merging histograms: {e}"))?;
+    }
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    Ok(Published {
+        elapsed,
+        calls,
+        call_latency,
+    })
+}
+
+/// [`publish_spread`] as an application that publishes one message at a
+/// time through [`Publisher`] (one per connection, batching onto a
+/// PublishStream): `p.in_flight` concurrent publishers each wait for their
+/// message's id before publishing the next; message n goes to topic n
+/// modulo their number. A "call" is one message.
+async fn publish_streamed(
+    ctx: &Ctx,
+    topics: &[String],
+    messages: u64,
+    p: &Params,
+    bar: &ProgressBar,
+) -> anyhow::Result<Published> {
+    let topics: Arc<[String]> = topics.into();
+    let publishers: Vec<Publisher> = (0..p.connections as usize)
+        .map(|i| Publisher::new(ctx.client(i), PublisherSettings::default()))
+        .collect();
+    let data = payload(p.size);
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    for worker in 0..p.in_flight {
+        let publisher = publishers[worker as usize % publishers.len()].clone();
+        let (topics, server) = (topics.clone(), ctx.server.clone());
+        let (next, data, bar) = (next.clone(), data.clone(), bar.clone());
+        tasks.spawn(async move {
+            let mut calls = 0u64;
+            let mut call_latency = histogram();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= messages {
+                    break;
+                }
+                let topic = &topics[(n % topics.len() as u64) as usize];
+                let message = PublishMessage {
+                    data: data.clone(),
+                    ..PublishMessage::default()
+                };
+                let sent = Instant::now();
+                publisher
+                    .publish(topic, message)
+                    .await
+                    .map_err(|e| rpc_error(&server, &format!("publish to {topic:?}"), e))?;
+                call_latency.saturating_record(micros(sent.elapsed()));
+                calls += 1;
+                bar.inc(1);
             }
             anyhow::Ok((calls, call_latency))
         });

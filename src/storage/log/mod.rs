@@ -547,6 +547,18 @@ impl Log {
     /// Cancelling before the batch is queued appends nothing; cancelling
     /// after leaves the append to complete on its own.
     pub async fn append(&self, records: &[NewRecord]) -> Result<Appended> {
+        self.append_queued(records).await?.wait().await
+    }
+
+    /// Like [`Log::append`], but returns as soon as the batch is queued
+    /// (its offsets fixed, so batches queued one after the other are
+    /// appended in that order), with a ticket that resolves once it is
+    /// complete. Waits only for room in the pending buffer.
+    ///
+    /// # Errors
+    /// As [`Log::append`], but for the write itself: that error comes
+    /// from the ticket.
+    pub async fn append_queued(&self, records: &[NewRecord]) -> Result<AppendTicket> {
         let bytes: usize = records.iter().map(NewRecord::frame_len).sum();
         let permits = bytes.clamp(1, self.shared.space_permits_max);
         let permit = self
@@ -558,9 +570,7 @@ impl Log {
             .map_err(|_| StorageError::Closed {
                 path: self.shared.dir.clone(),
             })?;
-        self.enqueue_inner(records, Some(permit), false)?
-            .wait()
-            .await
+        self.enqueue_inner(records, Some(permit), false)
     }
 
     /// Queues a batch without waiting for room or completion: the batch's
