@@ -342,15 +342,20 @@ async fn a_stream_broken_by_a_crash_keeps_every_answered_message() {
     c.create_sub("s", "t").await;
     let client = Client::connect(&broker.url).await.unwrap();
     let publisher = Publisher::new(&client, PublisherSettings::default());
+    let answered_so_far = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for task in 0..20 {
         let publisher = publisher.clone();
+        let counter = answered_so_far.clone();
         tasks.push(tokio::spawn(async move {
             let mut outcomes = Vec::new();
             for m in 0.. {
                 let text = format!("{task}-{m}");
                 match publisher.publish("t", msg(&text)).await {
-                    Ok(id) => outcomes.push((text, Ok(id))),
+                    Ok(id) => {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        outcomes.push((text, Ok(id)));
+                    }
                     Err(status) => {
                         outcomes.push((text, Err(status)));
                         break;
@@ -360,7 +365,15 @@ async fn a_stream_broken_by_a_crash_keeps_every_answered_message() {
             outcomes
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Kill it mid-stream, once a good number of messages were answered.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while answered_so_far.load(std::sync::atomic::Ordering::Relaxed) < 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "publishing is stuck"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     broker.child.kill().unwrap();
     broker.child.wait().unwrap();
     let mut answered = Vec::new();
@@ -378,11 +391,7 @@ async fn a_stream_broken_by_a_crash_keeps_every_answered_message() {
             }
         }
     }
-    assert!(
-        answered.len() > 100,
-        "only {} answered before the kill",
-        answered.len()
-    );
+    assert!(answered.len() >= 200, "{} answered", answered.len());
     let broker = spawn_broker(&dir);
     let mut c = Clients::connect(&broker.url).await;
     let stored: HashMap<u64, String> = drain(&mut c, "s").await.into_iter().collect();

@@ -4,12 +4,16 @@
 //! once; each `publish` call returns its message's id once the broker has
 //! made it durable.
 //!
-//! A topic's batch is sent as soon as no earlier request of that topic
-//! waits for its answer (so an idle publisher adds no delay), or once it is
+//! A topic's batch is sent as soon as fewer than
+//! `requests_in_flight_per_topic` (4) earlier requests of that topic wait
+//! for their answers (so an idle publisher adds no delay), or once it is
 //! full (count or bytes), or once its oldest message has waited
 //! `batch_delay_max`. Under load a batch therefore gathers what arrives
-//! while the previous one is made durable: the broker's group commit,
-//! continued in the client.
+//! while earlier ones are made durable: the broker's group commit,
+//! continued in the client. (With one request in flight per topic,
+//! several publishers on one topic fell into step with the broker's sync
+//! rounds, each round carrying one publisher's batch; four keep every
+//! round full.)
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -36,6 +40,9 @@ pub struct PublisherSettings {
     /// Longest a message waits in its batch while an earlier request of its
     /// topic is unanswered.
     pub batch_delay_max: Duration,
+    /// Requests of one topic that may be unanswered before its next batch
+    /// waits to fill (or for `batch_delay_max`).
+    pub requests_in_flight_per_topic: usize,
     /// Most messages given to `publish` and not yet answered; `publish`
     /// waits for room beyond it.
     pub outstanding_messages_max: usize,
@@ -44,13 +51,15 @@ pub struct PublisherSettings {
 }
 
 impl Default for PublisherSettings {
-    /// 100 messages or 1 MiB per batch, 1 ms at most of waiting for one,
-    /// 10,000 messages or 64 MiB outstanding.
+    /// 100 messages or 1 MiB per batch, 4 requests of a topic in flight
+    /// before a batch waits (1 ms at most), 10,000 messages or 64 MiB
+    /// outstanding.
     fn default() -> Self {
         Self {
             batch_messages_max: 100,
             batch_bytes_max: 1024 * 1024,
             batch_delay_max: Duration::from_millis(1),
+            requests_in_flight_per_topic: 4,
             outstanding_messages_max: 10_000,
             outstanding_bytes_max: 64 * 1024 * 1024,
         }
@@ -254,7 +263,7 @@ impl Task {
                     Ok(Some(response)) => {
                         if let Some(topic) = self.answer(response) {
                             // Its batch waited for this answer.
-                            if !self.unanswered.contains_key(&topic) {
+                            if self.may_send(&topic) {
                                 self.send(topic).await;
                             }
                         }
@@ -266,6 +275,12 @@ impl Task {
             self.finish_flushes();
         }
         self.finish_flushes();
+    }
+
+    /// Whether a batch of `topic` may go out before it is full.
+    fn may_send(&self, topic: &str) -> bool {
+        self.unanswered.get(topic).copied().unwrap_or(0)
+            < self.settings.requests_in_flight_per_topic
     }
 
     /// Adds a message to its topic's batch, sending the batch once full.
@@ -284,7 +299,7 @@ impl Task {
             batch.messages.len() >= self.settings.batch_messages_max
                 || batch.bytes >= self.settings.batch_bytes_max
         };
-        if full || !self.unanswered.contains_key(&topic) {
+        if full || self.may_send(&topic) {
             self.send(topic).await;
         }
     }
