@@ -21,15 +21,19 @@
 #
 # Durability, which matters when comparing with Courier: JetStream acks a
 # publish once the message is written to the stream's block file (the OS page
-# cache), NOT after an fsync. Its file store syncs in the background on a
-# timer. In 2.9.10 that timer is not configurable (`nats-server --help` has no
-# sync option; `sync_interval` / `sync_interval: always` only arrived in
-# server 2.10, whose default is 2 minutes) and its built-in interval is
-# 60 seconds: under strace, a 2.9.10 server taking a steady publish load made
-# no fsync/fdatasync call on the stream's block files for the first ~60 s of
-# the stream, and then one batch per minute. So an R1 stream here can lose up
-# to about a minute of acknowledged messages on an OS crash or power loss.
-# Courier's figures should be read against that.
+# cache), NOT after an fsync; the file store fsyncs in the background on a
+# timer. In 2.9.10 that timer is not configurable (`nats-server --help` lists
+# no sync option; the `sync_interval` setting, default 2 min, and
+# `sync_interval: always` came with server 2.10) and is built in at 2 minutes:
+# traced with `strace -f -e trace=fsync,fdatasync,sync_file_range,syncfs,sync`
+# under a steady single-stream publish load, the server's only sync calls were
+# one fsync of the current block file (N.blk) and its index (N.idx) every
+# 120 s after the stream was created (+120, +240, +360, +480 s). The 8 MiB
+# blocks that filled and rolled over in between were never fsynced by the
+# server; they got to disk only through the kernel's own writeback. So an R1
+# stream here can lose up to ~2 minutes of acknowledged messages on an OS
+# crash or power loss (a killed nats-server process alone loses nothing: the
+# data is in the page cache). Read Courier's figures against that.
 
 set -euo pipefail
 
