@@ -465,7 +465,13 @@ async fn ticker_loop(inner: std::sync::Weak<Inner>) {
         if broker.is_shutting_down() {
             return;
         }
-        let subs: Vec<Arc<Subscription>> = broker.inner.subs.read().values().cloned().collect();
+        // Only subscriptions with something due are ticked: an idle one
+        // costs one uncontended lock per tick (taken outside the map's
+        // lock, so a subscription busy under its own lock holds up no
+        // creation or deletion).
+        let now = Instant::now();
+        let mut subs: Vec<Arc<Subscription>> = broker.inner.subs.read().values().cloned().collect();
+        subs.retain(|sub| sub.tick_due(now));
         for sub in subs {
             sub.tick().await;
         }

@@ -231,21 +231,28 @@ impl Subscription {
             .map(|p| p.max_delivery_attempts)
     }
 
+    /// Whether [`Subscription::tick`] has anything to do at `now` (a lease
+    /// expired, a dead letter or a redelivery due). Costs one lock and
+    /// brings the broker's count of nack notes up to date, so the ticker
+    /// asks every subscription and ticks only those that say yes.
+    pub fn tick_due(&self, now: Instant) -> bool {
+        let core = self.core.lock();
+        let expiry_due = core.deadlines.first().is_some_and(|&(at, _)| at <= now);
+        let dead_letter_due = core.dead_letter_due.iter().any(|d| d.not_before <= now);
+        let ready_due = core.ready.first().is_some_and(|(at, _)| *at <= now);
+        if !expiry_due && !dead_letter_due && !ready_due {
+            self.report_notes(&core);
+            return false;
+        }
+        true
+    }
+
     /// Expires due leases and wakes waiters if redeliveries are due.
     /// Called by the broker's ticker.
     pub async fn tick(&self) {
         let now = Instant::now();
-        {
-            // Most subscriptions have nothing due: that costs one lock and
-            // no copy of the definition.
-            let core = self.core.lock();
-            let expiry_due = core.deadlines.first().is_some_and(|&(at, _)| at <= now);
-            let dead_letter_due = core.dead_letter_due.iter().any(|d| d.not_before <= now);
-            let ready_due = core.ready.first().is_some_and(|(at, _)| *at <= now);
-            if !expiry_due && !dead_letter_due && !ready_due {
-                self.report_notes(&core);
-                return;
-            }
+        if !self.tick_due(now) {
+            return;
         }
         let attempts_max = self.attempts_max();
         let retry = self.def.read().retry;
