@@ -555,6 +555,7 @@ impl StreamTask {
                 let leased = self
                     .sub
                     .lease_now(self.consumer, limits)
+                    .await
                     .map_err(status::to_status)?;
                 if !leased.is_empty() {
                     sent = true;

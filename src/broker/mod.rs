@@ -110,7 +110,16 @@ impl Broker {
     /// # Errors
     /// `Storage(Locked)` if another process holds the data directory.
     pub async fn open(config: BrokerConfig) -> Result<Broker> {
-        let fs: Arc<dyn Fs> = Arc::new(OsFs);
+        Self::open_on(config, Arc::new(OsFs)).await
+    }
+
+    /// Like [`Broker::open`], with the logs, the journal and the ack key
+    /// on `fs` (tests use a model file system). The definitions store and
+    /// the lock file stay on the real `data_dir`.
+    ///
+    /// # Errors
+    /// As [`Broker::open`].
+    pub async fn open_on(config: BrokerConfig, fs: Arc<dyn Fs>) -> Result<Broker> {
         let dir = config.data_dir.clone();
         // Every directory created here is synced into its parent: a power
         // cut must not take a new data directory with what it holds.

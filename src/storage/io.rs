@@ -305,6 +305,33 @@ fn fs_type(file: &std::fs::File) -> Option<i64> {
 #[derive(Debug, Default, Clone)]
 pub struct SimFs {
     inner: Arc<Mutex<SimState>>,
+    reads: Arc<ReadGate>,
+}
+
+/// Holds reads of files below a directory until released, to catch code
+/// that reads a file while holding a lock others need.
+#[derive(Debug, Default)]
+struct ReadGate {
+    held_under: Mutex<Option<PathBuf>>,
+    released: parking_lot::Condvar,
+    waiting: std::sync::atomic::AtomicU64,
+}
+
+impl ReadGate {
+    fn pass(&self, path: &Path) {
+        let mut held = self.held_under.lock();
+        let holds = |held: &Option<PathBuf>| held.as_ref().is_some_and(|dir| path.starts_with(dir));
+        if !holds(&held) {
+            return;
+        }
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        while holds(&held) {
+            self.released.wait(&mut held);
+        }
+        self.waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -346,12 +373,14 @@ struct SimData {
 struct SimFile {
     inode: Arc<SimInode>,
     fs: Arc<Mutex<SimState>>,
+    reads: Arc<ReadGate>,
     /// The path it was opened by (for `fail_syncs_under`).
     path: PathBuf,
 }
 
 impl File for SimFile {
     fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        self.reads.pass(&self.path);
         let data = self.inode.data.lock();
         let pos = usize::try_from(pos).map_err(|_| io::ErrorKind::InvalidInput)?;
         if pos >= data.cached.len() {
@@ -517,6 +546,18 @@ impl SimFs {
         self.inner.lock().whole_sync = on;
     }
 
+    /// Makes every read of a file below `dir` wait until this is called
+    /// again with `None` (or another directory).
+    pub fn hold_reads_under(&self, dir: Option<&Path>) {
+        *self.reads.held_under.lock() = dir.map(Path::to_path_buf);
+        self.reads.released.notify_all();
+    }
+
+    /// How many reads are waiting on [`SimFs::hold_reads_under`] now.
+    pub fn reads_held(&self) -> u64 {
+        self.reads.waiting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Number of `sync_data` calls so far.
     pub fn sync_count(&self) -> u64 {
         self.inner.lock().syncs
@@ -571,6 +612,7 @@ impl Fs for SimFs {
         Ok(Arc::new(SimFile {
             inode,
             fs: self.inner.clone(),
+            reads: self.reads.clone(),
             path: path.to_path_buf(),
         }))
     }

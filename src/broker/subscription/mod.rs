@@ -47,7 +47,7 @@ use crate::broker::retry::{Failure, exhausted_text};
 use crate::broker::topic::Topic;
 use crate::storage::meta::SubscriptionDef;
 use crate::storage::state::{NackNote, StateEntry, StateJournal, SubscriptionState};
-use crate::storage::{AppendTicket, Log, Offset, ReadLimits, Record, StorageError};
+use crate::storage::{AppendTicket, Log, Offset, ReadBatch, ReadLimits, Record, StorageError};
 
 /// Identifies the consumer holding a lease: a StreamingPull stream, or
 /// [`PULL_CONSUMER`] for unary Pull.
@@ -62,6 +62,72 @@ const READ_RETRY_AFTER: Duration = Duration::from_secs(1);
 const DEAD_LETTER_SCAN_PAGE: usize = 1_000;
 /// The consumer id of leases handed out by unary Pull.
 pub const PULL_CONSUMER: ConsumerId = 0;
+/// Most bytes of records read from the cursor at a time.
+const CURSOR_READ_BYTES_MAX: usize = 4 << 20;
+/// Most redeliveries read from the segment files in one read-ahead.
+const REDELIVERY_READS_MAX: usize = 256;
+const ONE_RECORD: ReadLimits = ReadLimits {
+    records_max: 1,
+    bytes_max: 1,
+};
+
+/// Records read from the segment files off the subscription's lock, for
+/// the next try of a lease ([`Subscription::lease_now`]).
+#[derive(Debug, Default)]
+struct ReadAhead {
+    /// `Log::rewinds` of the topic before the records were read.
+    rewinds: u64,
+    /// Redeliveries by offset (`None`: no longer retained).
+    redeliveries: HashMap<u64, Result<Option<Record>, StorageError>>,
+    /// Records from this cursor position.
+    cursor: Option<(u64, Result<ReadBatch, StorageError>)>,
+}
+
+/// What a lease that stopped at a record only the segment files hold needs
+/// read.
+#[derive(Debug)]
+struct ReadPlan {
+    /// Due redeliveries, in the order they are due.
+    redeliveries: Vec<u64>,
+    /// The cursor and how many records from it, if the window has room.
+    cursor: Option<(u64, usize)>,
+}
+
+impl ReadPlan {
+    fn at(core: &Core, now: Instant, visible: u64, limits: LeaseLimits, window_max: u64) -> Self {
+        let redeliveries = core
+            .ready
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, offset)| *offset)
+            .filter(|offset| *offset < visible)
+            .take(limits.messages_max.min(REDELIVERY_READS_MAX))
+            .collect();
+        let window_left = (core.state.settled.floor() + window_max).saturating_sub(core.cursor);
+        let want = limits
+            .messages_max
+            .min(usize::try_from(window_left).unwrap_or(usize::MAX));
+        ReadPlan {
+            redeliveries,
+            cursor: (want > 0).then_some((core.cursor, want)),
+        }
+    }
+}
+
+/// The record at `offset` of `log`, if it is still retained.
+fn read_one(log: &Log, offset: u64) -> Result<Option<Record>, StorageError> {
+    log.read(Offset(offset), ONE_RECORD)
+        .map(|batch| first_at(batch, offset))
+}
+
+/// The record of `batch` at `offset`, if it is the first.
+fn first_at(batch: ReadBatch, offset: u64) -> Option<Record> {
+    batch
+        .records
+        .into_iter()
+        .next()
+        .filter(|r| r.offset.0 == offset)
+}
 
 /// A message handed to a consumer.
 #[derive(Debug, Clone)]
@@ -549,15 +615,78 @@ impl Subscription {
     /// from the cursor. Each delivery's attempt number is durable before
     /// this returns.
     pub async fn lease(&self, consumer: ConsumerId, limits: LeaseLimits) -> Result<Vec<Delivery>> {
-        self.lease_now(consumer, limits)?.durable().await
+        self.lease_now(consumer, limits).await?.durable().await
     }
 
-    /// The synchronous part of [`Subscription::lease`]: takes the leases in
+    /// The first part of [`Subscription::lease`]: takes the leases in
     /// memory and queues their attempt numbers in the journal. The
     /// deliveries may be handed to a consumer only after
     /// [`Leased::durable`]; meanwhile the caller may do other work (a
     /// stream leases its next batch while the journal syncs).
-    pub fn lease_now(&self, consumer: ConsumerId, limits: LeaseLimits) -> Result<Leased> {
+    ///
+    /// Records are taken under the subscription's lock only from memory
+    /// (the topic's tail cache). When the next one is older, the lock is
+    /// let go, the records are read from the segment files on a blocking
+    /// thread, and the lease is tried again with them: a consumer far
+    /// behind never holds up the others, acks or the ticker while its disk
+    /// read runs.
+    pub async fn lease_now(&self, consumer: ConsumerId, limits: LeaseLimits) -> Result<Leased> {
+        let mut read = ReadAhead::default();
+        loop {
+            let (leased, plan) = self.lease_step(consumer, limits, &mut read)?;
+            match plan {
+                Some(plan) if leased.is_empty() => read = self.read_ahead(plan).await?,
+                _ => return Ok(leased),
+            }
+        }
+    }
+
+    /// Reads what `plan` names from the topic's segment files, off the
+    /// runtime's threads and without any lock of this subscription.
+    async fn read_ahead(&self, plan: ReadPlan) -> Result<ReadAhead> {
+        let log = self.topic.log.clone();
+        tokio::task::spawn_blocking(move || {
+            // Taken before reading: a rewind after this voids the records.
+            let rewinds = log.rewinds();
+            let redeliveries = plan
+                .redeliveries
+                .into_iter()
+                .map(|offset| (offset, read_one(&log, offset)))
+                .collect();
+            let cursor = plan.cursor.map(|(from, want)| {
+                let batch = log.read_written(
+                    Offset(from),
+                    ReadLimits {
+                        records_max: want,
+                        bytes_max: CURSOR_READ_BYTES_MAX,
+                    },
+                );
+                (from, batch)
+            });
+            ReadAhead {
+                rewinds,
+                redeliveries,
+                cursor,
+            }
+        })
+        .await
+        .map_err(|e| match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // The runtime is going away.
+            Err(_) => BrokerError::ShuttingDown,
+        })
+    }
+
+    /// One try of [`Subscription::lease_now`], under the lock, reading
+    /// nothing from disk: records come from `read` (read ahead off the
+    /// lock) or the tail cache. Returns what it leased and, if it stopped
+    /// at a record only the segment files hold, what to read.
+    fn lease_step(
+        &self,
+        consumer: ConsumerId,
+        limits: LeaseLimits,
+        read: &mut ReadAhead,
+    ) -> Result<(Leased, Option<ReadPlan>)> {
         if self.is_deleted() {
             return Err(BrokerError::NotFound {
                 kind: "subscription",
@@ -577,11 +706,15 @@ impl Subscription {
         // Messages retention removed before this subscription settled them
         // (counted, journaled and logged like a retention pass does).
         let mut dropped = 0u64;
+        let mut plan = None;
         let (deliveries, ticket, topic_rewinds) = {
             let visible = self.topic.log.next_offset().0;
             let mut core = self.core.lock();
             // Read before any record: a rewind after this voids them.
             let topic_rewinds = self.topic.log.rewinds();
+            if read.rewinds != topic_rewinds {
+                *read = ReadAhead::default();
+            }
             if let Some((entry, count)) = core.drop_below(self.topic.log.first_offset().0) {
                 entries.push(entry);
                 dropped += count;
@@ -613,7 +746,17 @@ impl Subscription {
                     core.dead_letter_later(offset);
                     continue;
                 }
-                let record = match self.read_one(offset) {
+                let cached = read.redeliveries.remove(&offset).or_else(|| {
+                    self.topic
+                        .log
+                        .read_cached(Offset(offset), ONE_RECORD)
+                        .map(|b| Ok(first_at(b, offset)))
+                });
+                let Some(cached) = cached else {
+                    plan = Some(ReadPlan::at(&core, now, visible, limits, self.window_max));
+                    break;
+                };
+                let record = match cached {
                     Ok(Some(r)) => r,
                     Ok(None) => {
                         // Gone to retention: nothing to deliver.
@@ -650,7 +793,7 @@ impl Subscription {
                 picked.push(record);
             }
             // New messages from the cursor, within the unacked window.
-            'fill: while picked.len() < limits.messages_max {
+            'fill: while plan.is_none() && picked.len() < limits.messages_max {
                 let floor = core.state.settled.floor();
                 let window_left = (floor + self.window_max).saturating_sub(core.cursor);
                 if window_left == 0 {
@@ -661,13 +804,23 @@ impl Subscription {
                 // Records still being synced are leased too, so their
                 // attempt numbers are journaled while the topic's fdatasync
                 // runs; `Leased::durable` waits for both.
-                let batch = match self.topic.log.read_written(
-                    Offset(core.cursor),
-                    ReadLimits {
-                        records_max: want,
-                        bytes_max: 4 << 20,
-                    },
-                ) {
+                let limits_here = ReadLimits {
+                    records_max: want,
+                    bytes_max: CURSOR_READ_BYTES_MAX,
+                };
+                let cached = match read.cursor.take() {
+                    Some((from, batch)) if from == core.cursor => Some(batch),
+                    _ => self
+                        .topic
+                        .log
+                        .read_written_cached(Offset(core.cursor), limits_here)
+                        .map(Ok),
+                };
+                let Some(cached) = cached else {
+                    plan = Some(ReadPlan::at(&core, now, visible, limits, self.window_max));
+                    break;
+                };
+                let batch = match cached {
                     Ok(b) => b,
                     Err(StorageError::Corrupt {
                         first,
@@ -821,28 +974,20 @@ impl Subscription {
                 .max()
                 .unwrap_or(0),
         );
-        Ok(Leased {
+        let leased = Leased {
             deliveries,
             ticket,
             topic: self.topic.log.clone(),
             topic_until,
             topic_rewinds,
-        })
+        };
+        Ok((leased, plan))
     }
 
+    /// The record at `offset` of the topic, if it is still retained. Reads
+    /// the segment files: not under the subscription's lock.
     fn read_one(&self, offset: u64) -> Result<Option<Record>, StorageError> {
-        let batch = self.topic.log.read(
-            Offset(offset),
-            ReadLimits {
-                records_max: 1,
-                bytes_max: 1,
-            },
-        )?;
-        Ok(batch
-            .records
-            .into_iter()
-            .next()
-            .filter(|r| r.offset.0 == offset))
+        read_one(&self.topic.log, offset)
     }
 
     /// Acknowledges deliveries; durable when this returns.

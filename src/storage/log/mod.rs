@@ -731,6 +731,36 @@ impl Log {
         self.read_until(from, written, limits)
     }
 
+    /// Like [`Log::read`], from memory only: `None` when answering would
+    /// read a segment file (the records are older than the tail cache).
+    /// Never blocks on IO, so it may be called under a lock.
+    pub fn read_cached(&self, from: Offset, limits: ReadLimits) -> Option<ReadBatch> {
+        self.read_until_cached(from, self.next_offset(), limits)
+    }
+
+    /// Like [`Log::read_written`], from memory only (see
+    /// [`Log::read_cached`]).
+    pub fn read_written_cached(&self, from: Offset, limits: ReadLimits) -> Option<ReadBatch> {
+        let written = Offset(self.shared.written_next.load(Ordering::Acquire));
+        self.read_until_cached(from, written, limits)
+    }
+
+    fn read_until_cached(
+        &self,
+        from: Offset,
+        visible: Offset,
+        limits: ReadLimits,
+    ) -> Option<ReadBatch> {
+        let from = from.max(self.first_offset());
+        if from >= visible {
+            return Some(ReadBatch {
+                records: Vec::new(),
+                next: from,
+            });
+        }
+        self.read_cache(from, visible, limits)
+    }
+
     /// A receiver of the written next offset: it changes as soon as new
     /// records are written, before they are durable.
     pub fn watch_written(&self) -> watch::Receiver<Offset> {
