@@ -355,6 +355,73 @@ async fn backlog_with_a_spawned_broker_measures_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_draws_every_curve_and_restarts_the_idle_broker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    std::fs::create_dir(&dir).unwrap();
+    let chart = tmp.path().join("scale.svg");
+    let report = bench_json(
+        "http://127.0.0.1:1",
+        &[
+            "--workload",
+            "scale",
+            "--topics",
+            "20",
+            "--subscriptions",
+            "3",
+            "--size",
+            "8KiB",
+            "--messages",
+            "300",
+            "--spawn-broker",
+            "--bench-dir",
+            dir.to_str().unwrap(),
+            "--chart",
+            chart.to_str().unwrap(),
+        ],
+    );
+    let r = &report["results"][0];
+    assert_eq!(r["workload"], "scale");
+    let points = r["points"].as_array().unwrap();
+    let curve = |name: &str, key: &str| -> Vec<u64> {
+        points
+            .iter()
+            .filter(|p| p["curve"] == name)
+            .map(|p| u(p, key))
+            .collect()
+    };
+    // Each curve ends at its cap.
+    assert_eq!(curve("topics", "topics"), vec![1, 10, 20]);
+    assert_eq!(curve("subscriptions", "subscriptions"), vec![1, 3]);
+    assert_eq!(curve("size", "size"), vec![256, 4096, 8192]);
+    for p in points {
+        assert_eq!(u(p, "messages"), 300, "{p}");
+        positive(p, "publish_msgs_per_s");
+        positive(p, "vm_rss_bytes");
+        assert!(u(p, "threads") >= 2, "{p}");
+        if p["curve"] == "topics" {
+            assert_eq!(p["publisher"], "stream", "{p}");
+        }
+        if p["curve"] == "subscriptions" {
+            positive(p, "deliveries_acked_per_s");
+        }
+    }
+    let idle = &r["idle"];
+    assert_eq!((u(idle, "topics"), u(idle, "subscriptions")), (20, 20));
+    positive(idle, "threads");
+    positive(&idle["restart"], "first_delivery_after_spawn_s");
+    positive(idle, "threads_after_restart");
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    // Four series over three panels, a dot per point of each.
+    assert_eq!(svg.matches("<polyline").count(), 4);
+    assert_eq!(svg.matches("<circle").count(), 3 + 2 * 2 + 3);
+    assert!(svg.contains(">8 KiB</text>"), "{svg}");
+    // The spawned broker's data dir is gone.
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backlog_without_a_spawned_broker_says_restart_was_not_measured() {
     let server = TestServer::start().await;
     let report = bench_json(

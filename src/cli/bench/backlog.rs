@@ -28,7 +28,7 @@ pub(super) async fn backlog(ctx: &mut Ctx, p: &Params) -> anyhow::Result<Backlog
     let vm_rss_bytes = ctx.spawned.as_ref().and_then(|b| vm_rss_bytes(b.pid()));
 
     let restart = if ctx.spawned.is_some() {
-        Some(restart(ctx, &subs[0]).await?)
+        Some(restart(ctx, &subs[0], "backlog: restart").await?)
     } else {
         None
     };
@@ -50,9 +50,13 @@ pub(super) async fn backlog(ctx: &mut Ctx, p: &Params) -> anyhow::Result<Backlog
 }
 
 /// Stops the spawned broker, starts it on the same data directory, and
-/// waits for the first delivery from `sub`.
-async fn restart(ctx: &mut Ctx, sub: &str) -> anyhow::Result<RestartResult> {
-    let bar = ctx.bar(1, "backlog: restart");
+/// waits for the first delivery from `sub`; `label` names the progress bar.
+pub(super) async fn restart(
+    ctx: &mut Ctx,
+    sub: &str,
+    label: &str,
+) -> anyhow::Result<RestartResult> {
+    let bar = ctx.bar(1, label.to_string());
     let Some(broker) = ctx.spawned.as_mut() else {
         bail!("restart needs --spawn-broker");
     };
@@ -94,7 +98,7 @@ async fn restart(ctx: &mut Ctx, sub: &str) -> anyhow::Result<RestartResult> {
 }
 
 /// VmRSS of a local process, from `/proc/<pid>/status`.
-fn vm_rss_bytes(pid: u32) -> Option<u64> {
+pub(super) fn vm_rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

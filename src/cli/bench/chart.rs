@@ -1,8 +1,8 @@
-//! The `--chart` SVG: publish msgs/s and deliveries acked/s of each fanout
-//! run against its number of subscriptions, as one standalone line chart
-//! with round axis ticks and a legend.
+//! The `--chart` SVGs: for fanout, publish msgs/s and deliveries acked/s of
+//! each run against its number of subscriptions, as one standalone line
+//! chart with round axis ticks and a legend; for scale, a panel per curve.
 
-use super::report::WorkloadResult;
+use super::report::{ScalePoint, WorkloadResult};
 
 /// One fanout run on the chart.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -218,6 +218,221 @@ pub(super) fn chart_svg(points: &[ChartPoint], fsync_mode: &str) -> String {
     }
     put("</svg>".to_string());
     svg
+}
+
+/// A `scale` series: legend label, colour, value of a point.
+type ScaleSeries = (&'static str, &'static str, fn(&ScalePoint) -> f64);
+
+/// A `scale` panel: one curve, its points evenly spaced in order (the
+/// counts grow tenfold), one or two series, and under each point the
+/// broker's threads and resident memory.
+struct Panel<'a> {
+    title: &'static str,
+    x_label: &'static str,
+    unit: &'static str,
+    points: Vec<&'a ScalePoint>,
+    series: Vec<ScaleSeries>,
+    tick: fn(&ScalePoint) -> String,
+}
+
+/// The `--chart` SVG of `scale`: a panel per curve, side by side.
+pub(super) fn scale_svg(results: &[WorkloadResult], fsync_mode: &str) -> String {
+    const PANEL_W: f64 = 400.0;
+    const H: f64 = 470.0;
+    let points: Vec<&ScalePoint> = results
+        .iter()
+        .filter_map(|r| match r {
+            WorkloadResult::Scale(s) => Some(s.points.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let of = |curve: &str| -> Vec<&ScalePoint> {
+        points
+            .iter()
+            .copied()
+            .filter(|p| p.curve == curve)
+            .collect()
+    };
+    let panels = [
+        Panel {
+            title: "single-message publishers vs topics",
+            x_label: "topics",
+            unit: "messages / s",
+            points: of("topics"),
+            series: vec![("publish msgs/s", "#1f77b4", |p| p.publish_msgs_per_s)],
+            tick: |p| short_rate(f64::from(p.topics)),
+        },
+        Panel {
+            title: "fan-out vs subscriptions",
+            x_label: "subscriptions",
+            unit: "messages / s",
+            points: of("subscriptions"),
+            series: vec![
+                ("publish msgs/s", "#1f77b4", |p| p.publish_msgs_per_s),
+                ("deliveries acked/s", "#d62728", |p| {
+                    p.deliveries_acked_per_s.unwrap_or(0.0)
+                }),
+            ],
+            tick: |p| short_rate(f64::from(p.subscriptions)),
+        },
+        Panel {
+            title: "publish bandwidth vs message size",
+            x_label: "message size",
+            unit: "MB / s",
+            points: of("size"),
+            series: vec![("publish MB/s", "#2ca02c", |p| p.publish_mb_per_s)],
+            tick: |p| short_bytes(p.size),
+        },
+    ];
+    let w = PANEL_W * panels.len() as f64;
+    let mut svg = String::new();
+    let mut put = |s: String| {
+        svg.push_str(&s);
+        svg.push('\n');
+    };
+    put(format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{H}" viewBox="0 0 {w} {H}" font-family="sans-serif" font-size="12">"#
+    ));
+    put(format!(r#"<rect width="{w}" height="{H}" fill="white"/>"#));
+    put(format!(
+        r#"<text x="{}" y="26" text-anchor="middle" font-size="16">courier bench scale</text>"#,
+        w / 2.0
+    ));
+    put(format!(
+        r##"<text x="{}" y="44" text-anchor="middle" fill="#555">fsync {}; under each point: the broker's threads and resident memory after it</text>"##,
+        w / 2.0,
+        xml_escape(fsync_mode)
+    ));
+    for (i, panel) in panels.iter().enumerate() {
+        panel_svg(&mut put, panel, PANEL_W * i as f64, PANEL_W, H);
+    }
+    put("</svg>".to_string());
+    svg
+}
+
+fn panel_svg(put: &mut impl FnMut(String), panel: &Panel<'_>, x0: f64, w: f64, h: f64) {
+    const LEFT: f64 = 70.0;
+    const RIGHT: f64 = 20.0;
+    const TOP: f64 = 80.0;
+    const BOTTOM: f64 = 130.0;
+    const Y_TICKS: u32 = 5;
+    let (pw, ph) = (w - LEFT - RIGHT, h - TOP - BOTTOM);
+    let left = x0 + LEFT;
+    let n = panel.points.len().max(1);
+    let x = |i: usize| left + (i as f64 + 0.5) / n as f64 * pw;
+    let y_top = panel
+        .points
+        .iter()
+        .flat_map(|p| panel.series.iter().map(|(_, _, v)| v(p)))
+        .fold(0.0, f64::max);
+    let y_max = nice_ceiling(y_top * 1.05);
+    let y = |v: f64| TOP + ph - v / y_max * ph;
+    put(format!(
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="14">{}</text>"#,
+        left + pw / 2.0,
+        TOP - 16.0,
+        xml_escape(panel.title)
+    ));
+    for i in 0..=Y_TICKS {
+        let v = y_max * f64::from(i) / f64::from(Y_TICKS);
+        let yy = y(v);
+        put(format!(
+            r##"<line x1="{left:.1}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/>"##,
+            left + pw
+        ));
+        put(format!(
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+            left - 6.0,
+            yy + 4.0,
+            short_rate(v)
+        ));
+    }
+    put(format!(
+        r#"<line x1="{left:.1}" y1="{TOP}" x2="{left:.1}" y2="{:.1}" stroke="black"/>"#,
+        TOP + ph
+    ));
+    put(format!(
+        r#"<line x1="{left:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="black"/>"#,
+        TOP + ph,
+        left + pw,
+        TOP + ph
+    ));
+    for (i, p) in panel.points.iter().enumerate() {
+        let xx = x(i);
+        put(format!(
+            r#"<text x="{xx:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            TOP + ph + 18.0,
+            (panel.tick)(p)
+        ));
+        let threads = p.threads.map_or("?".to_string(), |t| t.to_string());
+        let memory = p.vm_rss_bytes.unwrap_or(p.resident_memory_bytes) / (1024 * 1024);
+        put(format!(
+            r##"<text x="{xx:.1}" y="{:.1}" text-anchor="middle" fill="#555" font-size="10">{threads} thr</text>"##,
+            TOP + ph + 32.0
+        ));
+        put(format!(
+            r##"<text x="{xx:.1}" y="{:.1}" text-anchor="middle" fill="#555" font-size="10">{memory} MiB</text>"##,
+            TOP + ph + 44.0
+        ));
+    }
+    put(format!(
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+        left + pw / 2.0,
+        TOP + ph + 64.0,
+        panel.x_label
+    ));
+    let (ax, ay) = (x0 + 16.0, TOP + ph / 2.0);
+    put(format!(
+        r#"<text x="{ax:.1}" y="{ay:.1}" text-anchor="middle" transform="rotate(-90 {ax:.1} {ay:.1})">{}</text>"#,
+        panel.unit
+    ));
+    for (_, color, value) in &panel.series {
+        let coords: Vec<String> = panel
+            .points
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{:.1},{:.1}", x(i), y(value(p))))
+            .collect();
+        put(format!(
+            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
+            coords.join(" ")
+        ));
+        for (i, p) in panel.points.iter().enumerate() {
+            put(format!(
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{color}"><title>{}: {:.1}</title></circle>"#,
+                x(i),
+                y(value(p)),
+                (panel.tick)(p),
+                value(p)
+            ));
+        }
+    }
+    let mut ly = TOP + ph + 86.0;
+    for (label, color, _) in &panel.series {
+        put(format!(
+            r#"<line x1="{left:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{color}" stroke-width="2"/>"#,
+            left + 24.0
+        ));
+        put(format!(
+            r#"<text x="{:.1}" y="{:.1}">{}</text>"#,
+            left + 32.0,
+            ly + 4.0,
+            xml_escape(label)
+        ));
+        ly += 16.0;
+    }
+}
+
+/// A size for an axis label: `256 B`, `4 KiB`, `1 MiB`.
+fn short_bytes(b: u64) -> String {
+    if b >= 1024 * 1024 && b % (1024 * 1024) == 0 {
+        format!("{} MiB", b / (1024 * 1024))
+    } else if b >= 1024 && b % 1024 == 0 {
+        format!("{} KiB", b / 1024)
+    } else {
+        format!("{b} B")
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ mod chart;
 mod ctx;
 mod latency;
 mod report;
+mod scale;
 mod slow;
 mod spawn;
 mod stats;
@@ -142,6 +143,8 @@ pub enum Workload {
     SlowConsumers,
     /// publish, fanout (1 and 10 subscriptions), latency, drain; backlog with --spawn-broker.
     All,
+    /// Curves: publish vs topics (1..10000, stream publisher), fanout vs subscriptions (1..1000), publish vs size (256 B..1 MiB); then 10000 idle topics, restarted with --spawn-broker.
+    Scale,
 }
 
 impl Workload {
@@ -154,6 +157,7 @@ impl Workload {
             Workload::Backlog => "backlog",
             Workload::SlowConsumers => "slow-consumers",
             Workload::All => "all",
+            Workload::Scale => "scale",
         }
     }
 }
@@ -245,6 +249,7 @@ enum Step {
     Drain,
     Backlog,
     SlowConsumers,
+    Scale,
 }
 
 impl BenchArgs {
@@ -298,7 +303,10 @@ impl BenchArgs {
 
         let chart = match &self.chart {
             Some(path) => {
-                let svg = chart::chart_svg(&chart::chart_points(&results), &broker.fsync_mode);
+                let svg = match self.workload {
+                    Workload::Scale => chart::scale_svg(&results, &broker.fsync_mode),
+                    _ => chart::chart_svg(&chart::chart_points(&results), &broker.fsync_mode),
+                };
                 std::fs::write(path, svg)
                     .with_context(|| format!("writing chart {}", path.display()))?;
                 Some(path.display().to_string())
@@ -353,18 +361,18 @@ impl BenchArgs {
         unused(
             "--messages",
             self.messages.is_some(),
-            &[Publish, Fanout, Drain, Backlog, SlowConsumers, All],
+            &[Publish, Fanout, Drain, Backlog, SlowConsumers, All, Scale],
         )?;
         unused(
             "--subscriptions",
             self.subscriptions.is_some(),
-            &[Fanout, All],
+            &[Fanout, All, Scale],
         )?;
-        unused("--topics", self.topics.is_some(), &[Publish])?;
+        unused("--topics", self.topics.is_some(), &[Publish, Scale])?;
         unused("--rate", self.rate.is_some(), &[Latency, All])?;
         unused("--streams", self.streams.is_some(), &[SlowConsumers])?;
         unused("--duration", self.duration.is_some(), &[Latency, All])?;
-        unused("--chart", self.chart.is_some(), &[Fanout, All])?;
+        unused("--chart", self.chart.is_some(), &[Fanout, All, Scale])?;
         unused(
             "--max-outstanding",
             self.max_outstanding != DEFAULT_MAX_OUTSTANDING,
@@ -382,7 +390,7 @@ impl BenchArgs {
                 .into());
             }
         }
-        if self.chart.is_some() && self.subscriptions.is_some() {
+        if self.chart.is_some() && self.subscriptions.is_some() && w != Scale {
             return Err(UsageError(
                 "--chart runs fanout with 1, 2, 5, 10 and 20 subscriptions; drop --subscriptions"
                     .into(),
@@ -413,6 +421,7 @@ impl BenchArgs {
             Workload::Drain => vec![Step::Drain],
             Workload::Backlog => vec![Step::Backlog],
             Workload::SlowConsumers => vec![Step::SlowConsumers],
+            Workload::Scale => vec![Step::Scale],
             Workload::All => {
                 let mut steps = vec![Step::Publish];
                 steps.extend(fanout);
@@ -455,6 +464,8 @@ impl BenchArgs {
                 p.subscriptions = subscriptions;
             }
             Step::Drain => p.messages = self.messages.unwrap_or(DRAIN_MESSAGES),
+            // Each point sets its own (scale::Sweep).
+            Step::Scale => p.messages = self.messages.unwrap_or(0),
             Step::Backlog => {
                 p.messages = self.messages.unwrap_or(BACKLOG_MESSAGES);
                 p.max_outstanding = None;
@@ -504,6 +515,17 @@ impl BenchArgs {
                 Step::Latency => latency::latency(ctx, &p).await.map(WorkloadResult::Latency),
                 Step::Drain => throughput::drain(ctx, &p).await.map(WorkloadResult::Drain),
                 Step::Backlog => backlog::backlog(ctx, &p).await.map(WorkloadResult::Backlog),
+                Step::Scale => {
+                    let sweep = scale::Sweep::new(
+                        self.topics,
+                        self.subscriptions,
+                        self.size,
+                        self.messages,
+                    );
+                    scale::scale(ctx, &p, &sweep)
+                        .await
+                        .map(WorkloadResult::Scale)
+                }
                 Step::SlowConsumers => {
                     let streams = self.streams.unwrap_or(SLOW_STREAMS);
                     slow::slow_consumers(ctx, &p, streams)

@@ -85,6 +85,58 @@ pub(super) enum WorkloadResult {
     Backlog(BacklogResult),
     #[serde(rename = "slow-consumers")]
     SlowConsumers(SlowConsumersResult),
+    Scale(ScaleResult),
+}
+
+/// `scale`: the curves against topics, subscriptions and payload size, and
+/// an idle broker of many topics.
+#[derive(Debug, Serialize)]
+pub(super) struct ScaleResult {
+    /// The flags every point starts from (each curve changes some).
+    pub(super) params: Params,
+    pub(super) points: Vec<ScalePoint>,
+    pub(super) idle: IdleResult,
+}
+
+/// One point of a `scale` curve.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct ScalePoint {
+    /// `topics`, `subscriptions` or `size`: what this curve varies.
+    pub(super) curve: &'static str,
+    pub(super) topics: u32,
+    pub(super) subscriptions: u32,
+    pub(super) size: u64,
+    pub(super) messages: u64,
+    pub(super) publisher: PublishApi,
+    pub(super) publish_msgs_per_s: f64,
+    pub(super) publish_mb_per_s: f64,
+    /// Of each Publish call (unary) or each message (stream publisher).
+    pub(super) publish_p99_ms: f64,
+    /// Fan-out points: deliveries acked per second, all subscriptions.
+    pub(super) deliveries_acked_per_s: Option<f64>,
+    pub(super) deliveries_mb_per_s: Option<f64>,
+    /// GetBrokerStats after the point, its topics still there.
+    pub(super) resident_memory_bytes: u64,
+    /// A spawned broker's VmRSS and threads after the point.
+    pub(super) vm_rss_bytes: Option<u64>,
+    pub(super) threads: Option<u64>,
+}
+
+/// The idle part of `scale`: many topics with a subscription and a message
+/// each.
+#[derive(Debug, Serialize)]
+pub(super) struct IdleResult {
+    pub(super) topics: u32,
+    pub(super) subscriptions: u32,
+    /// Publishing one message to each topic.
+    pub(super) publish_msgs_per_s: f64,
+    pub(super) publish_mb_per_s: f64,
+    pub(super) resident_memory_bytes: u64,
+    pub(super) vm_rss_bytes: Option<u64>,
+    pub(super) threads: Option<u64>,
+    /// With `--spawn-broker`: stop, start, first delivery.
+    pub(super) restart: Option<RestartResult>,
+    pub(super) threads_after_restart: Option<u64>,
 }
 
 /// `publish`: throughput until every publish is confirmed.
@@ -590,6 +642,7 @@ impl WorkloadResult {
                 ),
             )
             .finish(),
+            WorkloadResult::Scale(r) => r.human(),
             WorkloadResult::Backlog(r) => {
                 let mut s = Section::new(format!("backlog: {}", r.params.human()));
                 s.field(
@@ -657,6 +710,67 @@ impl WorkloadResult {
                 s.finish()
             }
         }
+    }
+}
+
+impl ScaleResult {
+    fn human(&self) -> Vec<String> {
+        let mut s = Section::new(format!("scale: from {}", self.params.human()));
+        let threads = |t: Option<u64>| t.map_or(String::new(), |t| format!(", {t} threads"));
+        for p in &self.points {
+            let (key, what) = match p.curve {
+                "topics" => (
+                    format!("{} topics", thousands(f64::from(p.topics))),
+                    "publish (stream publisher)",
+                ),
+                "subscriptions" => (count(u64::from(p.subscriptions), "subscription"), "publish"),
+                _ => (
+                    format!("{} B messages", thousands(p.size as f64)),
+                    "publish",
+                ),
+            };
+            let mut line = format!(
+                "{what} {} msgs/s, {:.2} MB/s, p99 {:.2} ms",
+                thousands(p.publish_msgs_per_s),
+                p.publish_mb_per_s,
+                p.publish_p99_ms
+            );
+            if let Some(acked) = p.deliveries_acked_per_s {
+                line.push_str(&format!("; deliveries acked {} /s", thousands(acked)));
+            }
+            line.push_str(&format!(
+                "; broker {} resident{}{}",
+                mib(p.resident_memory_bytes),
+                vm_rss(p.vm_rss_bytes),
+                threads(p.threads)
+            ));
+            s.field(&key, line);
+        }
+        let i = &self.idle;
+        s.field(
+            &format!("idle, {} topics", thousands(f64::from(i.topics))),
+            format!(
+                "{} subscriptions, a message each: broker {} resident{}{}",
+                thousands(f64::from(i.subscriptions)),
+                mib(i.resident_memory_bytes),
+                vm_rss(i.vm_rss_bytes),
+                threads(i.threads)
+            ),
+        );
+        if let Some(x) = &i.restart {
+            s.field(
+                "idle restart",
+                format!(
+                    "listening {:.2} s after spawn, first delivery {:.3} s after listening \
+                     ({:.2} s after spawn){}",
+                    x.restart_s,
+                    x.first_delivery_after_listening_s,
+                    x.first_delivery_after_spawn_s,
+                    threads(i.threads_after_restart)
+                ),
+            );
+        }
+        s.finish()
     }
 }
 

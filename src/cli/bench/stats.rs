@@ -71,6 +71,11 @@ pub(super) struct Percentiles {
 }
 
 impl Percentiles {
+    /// The 99th percentile, in milliseconds.
+    pub(super) fn p99_ms(&self) -> f64 {
+        self.p99_ms
+    }
+
     /// The figures of a histogram of microseconds (all zero if empty).
     pub(super) fn of(h: &Histogram<u64>) -> Percentiles {
         let ms = |us: u64| us as f64 / 1000.0;
