@@ -195,3 +195,91 @@ async fn a_consumer_far_behind_reads_the_whole_backlog_in_order() {
     );
     broker.close_and_release().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_status_finds_dead_letters_among_thousands() {
+    use courier::broker::MessageState;
+    use courier::broker::subscription::NackKind;
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::open_on(BrokerConfig::new(tmp.path()), Arc::new(SimFs::new()))
+        .await
+        .unwrap();
+    broker
+        .create_topic("t", Retention::default())
+        .await
+        .unwrap();
+    let sub = broker
+        .create_subscription(SubscriptionSpec {
+            name: "s".into(),
+            topic: "t".into(),
+            ack_deadline_ms: None,
+            retry: Default::default(),
+            dead_letter: None,
+            from_earliest: false,
+        })
+        .await
+        .unwrap();
+    let consumer = broker.new_consumer_id();
+    // Publishes `n` messages and rejects every one: `n` dead letters.
+    let reject_all = async |n: usize| {
+        let mut first = None;
+        for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+            let appended = broker
+                .publish("t", chunk.iter().copied().map(message).collect())
+                .await
+                .unwrap();
+            first.get_or_insert(appended.base_offset.0);
+        }
+        let first = first.unwrap();
+        let mut left = n;
+        while left > 0 {
+            let got = sub.lease(consumer, limits(500)).await.unwrap();
+            assert!(!got.is_empty());
+            left -= got.len();
+            let ids: Vec<_> = got.iter().map(|d| Some(d.ack_id)).collect();
+            let how = NackKind {
+                reject: true,
+                reason: "not for us",
+            };
+            let outcomes = sub.nack(&ids, how).await.unwrap();
+            assert!(outcomes.iter().all(|o| *o == AckOutcome::Ok));
+        }
+        first
+    };
+    let state = async |id: u64| {
+        let status = broker.message_status("t", id).await.unwrap();
+        assert_eq!(status.subscriptions.len(), 1);
+        status.subscriptions[0].1.clone()
+    };
+    let dead = |state: &MessageState| matches!(state, MessageState::DeadLettered { reason_text, .. } if reason_text == "not for us");
+
+    let first = reject_all(3000).await;
+    for id in [
+        first,
+        first + 1023,
+        first + 1024,
+        first + 1500,
+        first + 2999,
+    ] {
+        let s = state(id).await;
+        assert!(dead(&s), "message {id}: {s:?}");
+    }
+    // One acknowledged, after the index was built: not a dead letter.
+    let acked = broker
+        .publish("t", vec![message(0)])
+        .await
+        .unwrap()
+        .base_offset
+        .0;
+    let got = sub.lease(consumer, limits(1)).await.unwrap();
+    sub.ack(&[Some(got[0].ack_id)]).await.unwrap();
+    assert!(matches!(state(acked).await, MessageState::Acked));
+    // Dead letters written after the index was built are found too.
+    let later = reject_all(700).await;
+    for id in [later, later + 699] {
+        let s = state(id).await;
+        assert!(dead(&s), "message {id}: {s:?}");
+    }
+    assert!(dead(&state(first + 10).await));
+    broker.close_and_release().await;
+}

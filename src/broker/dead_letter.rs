@@ -35,6 +35,35 @@ pub struct DeadLetterLog {
     fs: Arc<dyn Fs>,
     config: LogConfig,
     log: Mutex<Slot>,
+    ids: Mutex<IdIndex>,
+}
+
+/// Dead-letter offsets per run of the id index.
+const ID_RUN: u64 = 1024;
+
+/// The lowest and highest message id of each run of [`ID_RUN`] dead-letter
+/// offsets, so that finding one message's dead letter reads only the runs
+/// that may hold it (dead letters come roughly in message order, so one or
+/// two runs). 16 bytes per 1,024 dead letters; built on first use and
+/// extended with what was dead-lettered since.
+#[derive(Debug, Default)]
+struct IdIndex {
+    /// Offsets below this are indexed.
+    next: u64,
+    /// Per run: (lowest, highest) id, `(u64::MAX, 0)` when it holds none.
+    runs: Vec<(u64, u64)>,
+}
+
+impl IdIndex {
+    fn add(&mut self, offset: u64, message_id: u64) {
+        let run = usize::try_from(offset / ID_RUN).expect("run index fits usize");
+        if self.runs.len() <= run {
+            self.runs.resize(run + 1, (u64::MAX, 0));
+        }
+        let (lo, hi) = &mut self.runs[run];
+        *lo = (*lo).min(message_id);
+        *hi = (*hi).max(message_id);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -52,7 +81,66 @@ impl DeadLetterLog {
             fs,
             config,
             log: Mutex::new(Slot::default()),
+            ids: Mutex::new(IdIndex::default()),
         }
+    }
+
+    /// The ranges of dead-letter offsets of `log` (this queue's) that may
+    /// hold a dead letter of `message_id`, in order. Reads the dead
+    /// letters written since the last call (all of them the first time)
+    /// to index them, without holding any lock over the read; call it off
+    /// the runtime's threads.
+    ///
+    /// # Errors
+    /// A read error other than corruption (corrupt records are skipped:
+    /// they cannot be shown either).
+    pub fn runs_holding(
+        &self,
+        log: &Log,
+        message_id: u64,
+    ) -> Result<Vec<(Offset, Offset)>, StorageError> {
+        let from = self.ids.lock().next;
+        let end = log.next_offset().0;
+        let mut found = Vec::new();
+        let mut at = Offset(from.max(log.first_offset().0));
+        while at.0 < end {
+            let batch = match log.read(
+                at,
+                crate::storage::ReadLimits {
+                    records_max: 1000,
+                    bytes_max: 4 << 20,
+                },
+            ) {
+                Ok(b) => b,
+                Err(StorageError::Corrupt { next_readable, .. }) => {
+                    at = next_readable.max(Offset(at.0 + 1));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if batch.records.is_empty() {
+                break;
+            }
+            found.extend(batch.records.iter().map(|r| (r.offset.0, r.message_id)));
+            at = batch.next;
+        }
+        let mut ids = self.ids.lock();
+        if ids.next == from {
+            for (offset, id) in found {
+                ids.add(offset, id);
+            }
+            ids.next = end.max(from);
+        }
+        Ok(ids
+            .runs
+            .iter()
+            .enumerate()
+            .filter(|(_, (lo, hi))| *lo <= message_id && message_id <= *hi)
+            .map(|(run, _)| {
+                let start = run as u64 * ID_RUN;
+                (Offset(start), Offset(start + ID_RUN))
+            })
+            .collect())
     }
 
     /// The log if it exists on disk (opening it if needed), else `None`.

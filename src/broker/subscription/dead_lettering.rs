@@ -195,6 +195,45 @@ impl Subscription {
         self.ack_key.parse_page_token(self.id(), token).map(Offset)
     }
 
+    /// The dead letter of `message_id` still in the queue, if any. Reads
+    /// only the runs of the queue that may hold it
+    /// ([`dead_letter::DeadLetterLog::runs_holding`]), off the runtime's
+    /// threads.
+    pub(crate) fn dead_letter_of(&self, message_id: u64) -> Result<Option<DeadLetter>> {
+        let Some(dlq) = self.dlq.existing()? else {
+            return Ok(None);
+        };
+        let removed = self.core.lock().state.dlq_removed.clone();
+        for (start, end) in self.dlq.runs_holding(&dlq, message_id)? {
+            let mut at = start.max(Offset(removed.floor()));
+            while at < end {
+                let limits = ReadLimits {
+                    records_max: usize::try_from(end.0 - at.0).unwrap_or(usize::MAX),
+                    bytes_max: 4 << 20,
+                };
+                let batch = match dlq.read(at, limits) {
+                    Ok(b) => b,
+                    Err(StorageError::Corrupt { next_readable, .. }) => {
+                        at = next_readable.max(Offset(at.0 + 1));
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if batch.records.is_empty() {
+                    break;
+                }
+                let found = batch.records.iter().find(|r| {
+                    r.offset < end && r.message_id == message_id && !removed.contains(r.offset.0)
+                });
+                if let Some(dl) = found.and_then(dead_letter::decode) {
+                    return Ok(Some(dl));
+                }
+                at = batch.next;
+            }
+        }
+        Ok(None)
+    }
+
     pub fn dead_letters(
         &self,
         from: Offset,

@@ -1,10 +1,7 @@
 //! What a subscription reports: its figures, and where one message stands
 //! in it (following a redriven copy and the dead-letter queue).
 
-use super::{
-    Core, DEAD_LETTER_SCAN_PAGE, MessageState, Subscription, SubscriptionStats, instant_to_unix_us,
-    now_us,
-};
+use super::{Core, MessageState, Subscription, SubscriptionStats, instant_to_unix_us, now_us};
 use crate::broker::dead_letter::Redrive;
 use crate::broker::error::Result;
 use crate::storage::{Offset, ReadLimits, StorageError};
@@ -78,25 +75,14 @@ impl Subscription {
         if let Some(state) = Self::unsettled_state(&self.core.lock(), message_id) {
             return Ok((state, None));
         }
-        let mut from = Offset(0);
-        loop {
-            let (page, next) = self.dead_letters(from, DEAD_LETTER_SCAN_PAGE)?;
-            if let Some(dl) = page
-                .into_iter()
-                .find(|dl| dl.message.message_id == message_id)
-            {
-                let state = MessageState::DeadLettered {
-                    reason: dl.reason,
-                    reason_text: dl.reason_text,
-                    attempts: dl.delivery_attempts,
-                    last_nack: dl.last_nack,
-                };
-                return Ok((state, dl.redrive));
-            }
-            match next {
-                Some(n) => from = n,
-                None => break,
-            }
+        if let Some(dl) = self.dead_letter_of(message_id)? {
+            let state = MessageState::DeadLettered {
+                reason: dl.reason,
+                reason_text: dl.reason_text,
+                attempts: dl.delivery_attempts,
+                last_nack: dl.last_nack,
+            };
+            return Ok((state, dl.redrive));
         }
         // A redriven copy lives at a later offset, unsettled, within the
         // unacked window above the floor (or just past it).
