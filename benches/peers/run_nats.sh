@@ -97,6 +97,10 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# A JetStream stream keeps two files open (its block and its index), so
+# 10,000 streams need more than 20,000 descriptors: raise the limit where
+# allowed (root), else use the hard limit.
+ulimit -n 262144 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 "$NATS_SERVER" -js -sd "$TMP/store" -a "$ADDR" -p "$PORT" -l "$TMP/nats-server.log" &
 SERVER_PID=$!
 
