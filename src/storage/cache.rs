@@ -89,6 +89,17 @@ pub(crate) struct TailCache {
     budget: Arc<CacheBudget>,
 }
 
+/// `data` in an allocation of its own length. A log's write buffer grows
+/// by doubling, so the buffer a write hands over may hold up to twice
+/// what it carries: kept as it is, the cache would hold more memory than
+/// it counts against the budget. Shrinking a large allocation is a
+/// `realloc` in place (or `mremap`); only a shared buffer is copied.
+fn exact(data: Bytes) -> Bytes {
+    let mut v = Vec::from(data);
+    v.shrink_to_fit();
+    Bytes::from(v)
+}
+
 impl TailCache {
     pub fn new(budget: Arc<CacheBudget>) -> Arc<Self> {
         Arc::new(Self {
@@ -109,6 +120,7 @@ impl TailCache {
         if data.is_empty() || cost > self.budget.bytes_max {
             return;
         }
+        let data = exact(data);
         let seq = self.budget.next_seq.fetch_add(1, Ordering::Relaxed);
         self.chunks.write().push_back(CacheChunk {
             first,
