@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Run the NATS JetStream peer benchmark (benches/peers/nats) against a
 # throwaway nats-server on 127.0.0.1:4222, for comparison with
-# `courier bench --workload publish` on the same machine.
+# `courier bench --workload publish` (and, with --mode fanout,
+# `courier bench --workload fanout`) on the same machine.
 #
 #   benches/peers/run_nats.sh [nats-peer-bench options...]
 #
 # e.g. benches/peers/run_nats.sh --messages 100000 --publishers 200
 #      benches/peers/run_nats.sh --messages 100000 --publishers 200 --streams 1000
+#      benches/peers/run_nats.sh --mode fanout --messages 100000 --subscriptions 10
 #
 # What this does: installs nats-server with apt-get if it is missing; builds
 # the peer bench in release mode; starts `nats-server -js -sd DIR -a 127.0.0.1
