@@ -4,11 +4,14 @@
 //! ticker. The broker runs on a model file system (SimFs) whose reads of
 //! topic segments can be held.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use courier::broker::{AckOutcome, Broker, BrokerConfig, LeaseLimits, SubscriptionSpec};
+use courier::broker::{
+    AckOutcome, Broker, BrokerConfig, LeaseLimits, Subscription, SubscriptionSpec,
+};
 use courier::storage::NewRecord;
 use courier::storage::io::SimFs;
 use courier::storage::meta::Retention;
@@ -33,6 +36,41 @@ fn message(i: usize) -> NewRecord {
     }
 }
 
+/// A broker on `fs` (its definitions in `dir`) with topic "t" and its
+/// subscription "s"; `tail_cache` bytes of recent records in memory.
+async fn open(dir: &Path, fs: &SimFs, tail_cache: Option<u64>) -> (Broker, Arc<Subscription>) {
+    let mut config = BrokerConfig::new(dir);
+    if let Some(bytes) = tail_cache {
+        config.tail_cache_bytes_max = bytes;
+    }
+    let broker = Broker::open_on(config, Arc::new(fs.clone())).await.unwrap();
+    broker
+        .create_topic("t", Retention::default())
+        .await
+        .unwrap();
+    let sub = broker
+        .create_subscription(SubscriptionSpec {
+            name: "s".into(),
+            topic: "t".into(),
+            ack_deadline_ms: None,
+            retry: Default::default(),
+            dead_letter: None,
+            from_earliest: false,
+        })
+        .await
+        .unwrap();
+    (broker, sub)
+}
+
+/// Publishes messages `0..n` (as [`message`] makes them) to "t".
+async fn publish(broker: &Broker, n: usize) {
+    let all: Vec<usize> = (0..n).collect();
+    for chunk in all.chunks(100) {
+        let batch = chunk.iter().map(|&i| message(i)).collect();
+        broker.publish("t", batch).await.unwrap();
+    }
+}
+
 /// Polls on this thread: the runtime's timers may be what is stalled.
 fn wait_for(what: &str, cond: impl Fn() -> bool) {
     for _ in 0..2000 {
@@ -48,36 +86,11 @@ fn wait_for(what: &str, cond: impl Fn() -> bool) {
 async fn a_backlog_read_holds_no_lock_others_need() {
     let tmp = tempfile::tempdir().unwrap();
     let fs = SimFs::new();
-    let mut config = BrokerConfig::new(tmp.path());
     // A tail cache far smaller than the backlog: the oldest records are
-    // only in the segment files.
-    config.tail_cache_bytes_max = 64 * 1024;
-    let broker = Broker::open_on(config, Arc::new(fs.clone())).await.unwrap();
-    broker
-        .create_topic("backlog", Retention::default())
-        .await
-        .unwrap();
-    let sub = broker
-        .create_subscription(SubscriptionSpec {
-            name: "work".into(),
-            topic: "backlog".into(),
-            ack_deadline_ms: None,
-            retry: Default::default(),
-            dead_letter: None,
-            from_earliest: false,
-        })
-        .await
-        .unwrap();
-    // 1000 messages of 1 KiB: about 16 times the tail cache.
-    for chunk in 0..10 {
-        broker
-            .publish(
-                "backlog",
-                (0..100).map(|i| message(chunk * 100 + i)).collect(),
-            )
-            .await
-            .unwrap();
-    }
+    // only in the segment files. 1000 messages of 1 KiB: about 16 times
+    // the tail cache.
+    let (broker, sub) = open(tmp.path(), &fs, Some(64 * 1024)).await;
+    publish(&broker, 1000).await;
     let first = broker.new_consumer_id();
     let held = sub.lease(first, limits(5)).await.unwrap();
     assert_eq!(held.len(), 5);
@@ -144,32 +157,8 @@ async fn a_backlog_read_holds_no_lock_others_need() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_far_behind_reads_the_whole_backlog_in_order() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut config = BrokerConfig::new(tmp.path());
-    config.tail_cache_bytes_max = 64 * 1024;
-    let broker = Broker::open_on(config, Arc::new(SimFs::new()))
-        .await
-        .unwrap();
-    broker
-        .create_topic("t", Retention::default())
-        .await
-        .unwrap();
-    let sub = broker
-        .create_subscription(SubscriptionSpec {
-            name: "s".into(),
-            topic: "t".into(),
-            ack_deadline_ms: None,
-            retry: Default::default(),
-            dead_letter: None,
-            from_earliest: false,
-        })
-        .await
-        .unwrap();
-    for chunk in 0..20 {
-        broker
-            .publish("t", (0..100).map(|i| message(chunk * 100 + i)).collect())
-            .await
-            .unwrap();
-    }
+    let (broker, sub) = open(tmp.path(), &SimFs::new(), Some(64 * 1024)).await;
+    publish(&broker, 2000).await;
     // Two consumers alternate: each lease reads from disk or the cache,
     // and between them every offset is handed out once, in order.
     let consumers = [broker.new_consumer_id(), broker.new_consumer_id()];
@@ -201,24 +190,7 @@ async fn message_status_finds_dead_letters_among_thousands() {
     use courier::broker::MessageState;
     use courier::broker::subscription::NackKind;
     let tmp = tempfile::tempdir().unwrap();
-    let broker = Broker::open_on(BrokerConfig::new(tmp.path()), Arc::new(SimFs::new()))
-        .await
-        .unwrap();
-    broker
-        .create_topic("t", Retention::default())
-        .await
-        .unwrap();
-    let sub = broker
-        .create_subscription(SubscriptionSpec {
-            name: "s".into(),
-            topic: "t".into(),
-            ack_deadline_ms: None,
-            retry: Default::default(),
-            dead_letter: None,
-            from_earliest: false,
-        })
-        .await
-        .unwrap();
+    let (broker, sub) = open(tmp.path(), &SimFs::new(), None).await;
     let consumer = broker.new_consumer_id();
     // Publishes `n` messages and rejects every one: `n` dead letters.
     let reject_all = async |n: usize| {

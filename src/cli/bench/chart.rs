@@ -70,6 +70,69 @@ fn xml_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// The opening of a chart `w` by `h`: the svg element, a white
+/// background, a title at `title_y` and a grey `subtitle` (already
+/// escaped) under it.
+fn svg_open(
+    put: &mut impl FnMut(String),
+    w: f64,
+    h: f64,
+    title_y: f64,
+    title: &str,
+    subtitle: &str,
+) {
+    put(format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    ));
+    put(format!(r#"<rect width="{w}" height="{h}" fill="white"/>"#));
+    put(format!(
+        r#"<text x="{}" y="{title_y}" text-anchor="middle" font-size="16">{}</text>"#,
+        w / 2.0,
+        xml_escape(title)
+    ));
+    put(format!(
+        r##"<text x="{}" y="{}" text-anchor="middle" fill="#555">{subtitle}</text>"##,
+        w / 2.0,
+        title_y + 18.0
+    ));
+}
+
+/// Horizontal grid lines with their y labels (`label_gap` left of the
+/// axis) and the two axes of the plot area `(left, top, width, height)`,
+/// whose y axis goes from 0 to `y_max` in `ticks` steps.
+fn grid_and_axes(
+    put: &mut impl FnMut(String),
+    (left, top, pw, ph): (f64, f64, f64, f64),
+    y_max: f64,
+    ticks: u32,
+    label_gap: f64,
+) {
+    for i in 0..=ticks {
+        let v = y_max * f64::from(i) / f64::from(ticks);
+        let yy = top + ph - v / y_max * ph;
+        put(format!(
+            r##"<line x1="{left:.1}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/>"##,
+            left + pw
+        ));
+        put(format!(
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+            left - label_gap,
+            yy + 4.0,
+            short_rate(v)
+        ));
+    }
+    put(format!(
+        r#"<line x1="{left:.1}" y1="{top}" x2="{left:.1}" y2="{:.1}" stroke="black"/>"#,
+        top + ph
+    ));
+    put(format!(
+        r#"<line x1="{left:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="black"/>"#,
+        top + ph,
+        left + pw,
+        top + ph
+    ));
+}
+
 /// A chart series: legend label, colour, value of a point.
 type Series = (&'static str, &'static str, fn(&ChartPoint) -> f64);
 
@@ -111,45 +174,18 @@ pub(super) fn chart_svg(points: &[ChartPoint], fsync_mode: &str) -> String {
         svg.push_str(&s);
         svg.push('\n');
     };
-    put(format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
-    ));
-    put(format!(r#"<rect width="{W}" height="{H}" fill="white"/>"#));
-    put(format!(
-        r#"<text x="{}" y="28" text-anchor="middle" font-size="16">courier bench fanout: throughput vs subscriptions</text>"#,
-        W / 2.0
-    ));
-    put(format!(
-        r##"<text x="{}" y="46" text-anchor="middle" fill="#555">fsync {}; publish = messages confirmed/s; deliveries = acks confirmed/s summed over subscriptions</text>"##,
-        W / 2.0,
-        xml_escape(fsync_mode)
-    ));
-    // Horizontal grid lines and y tick labels.
-    for i in 0..=Y_TICKS {
-        let v = y_max * f64::from(i) / f64::from(Y_TICKS);
-        let yy = y(v);
-        put(format!(
-            r##"<line x1="{LEFT}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/>"##,
-            LEFT + pw
-        ));
-        put(format!(
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
-            LEFT - 8.0,
-            yy + 4.0,
-            short_rate(v)
-        ));
-    }
-    // Axes.
-    put(format!(
-        r#"<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{:.1}" stroke="black"/>"#,
-        TOP + ph
-    ));
-    put(format!(
-        r#"<line x1="{LEFT}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="black"/>"#,
-        TOP + ph,
-        LEFT + pw,
-        TOP + ph
-    ));
+    svg_open(
+        &mut put,
+        W,
+        H,
+        28.0,
+        "courier bench fanout: throughput vs subscriptions",
+        &format!(
+            "fsync {}; publish = messages confirmed/s; deliveries = acks confirmed/s summed over subscriptions",
+            xml_escape(fsync_mode)
+        ),
+    );
+    grid_and_axes(&mut put, (LEFT, TOP, pw, ph), y_max, Y_TICKS, 8.0);
     // X ticks at each measured subscription count, plus 0.
     let mut ticks: Vec<u32> = points.iter().map(|p| p.subscriptions).collect();
     ticks.insert(0, 0);
@@ -291,19 +327,17 @@ pub(super) fn scale_svg(results: &[WorkloadResult], fsync_mode: &str) -> String 
         svg.push_str(&s);
         svg.push('\n');
     };
-    put(format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{H}" viewBox="0 0 {w} {H}" font-family="sans-serif" font-size="12">"#
-    ));
-    put(format!(r#"<rect width="{w}" height="{H}" fill="white"/>"#));
-    put(format!(
-        r#"<text x="{}" y="26" text-anchor="middle" font-size="16">courier bench scale</text>"#,
-        w / 2.0
-    ));
-    put(format!(
-        r##"<text x="{}" y="44" text-anchor="middle" fill="#555">fsync {}; under each point: the broker's threads and resident memory after it</text>"##,
-        w / 2.0,
-        xml_escape(fsync_mode)
-    ));
+    svg_open(
+        &mut put,
+        w,
+        H,
+        26.0,
+        "courier bench scale",
+        &format!(
+            "fsync {}; under each point: the broker's threads and resident memory after it",
+            xml_escape(fsync_mode)
+        ),
+    );
     for (i, panel) in panels.iter().enumerate() {
         panel_svg(&mut put, panel, PANEL_W * i as f64, PANEL_W, H);
     }
@@ -334,30 +368,7 @@ fn panel_svg(put: &mut impl FnMut(String), panel: &Panel<'_>, x0: f64, w: f64, h
         TOP - 16.0,
         xml_escape(panel.title)
     ));
-    for i in 0..=Y_TICKS {
-        let v = y_max * f64::from(i) / f64::from(Y_TICKS);
-        let yy = y(v);
-        put(format!(
-            r##"<line x1="{left:.1}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/>"##,
-            left + pw
-        ));
-        put(format!(
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
-            left - 6.0,
-            yy + 4.0,
-            short_rate(v)
-        ));
-    }
-    put(format!(
-        r#"<line x1="{left:.1}" y1="{TOP}" x2="{left:.1}" y2="{:.1}" stroke="black"/>"#,
-        TOP + ph
-    ));
-    put(format!(
-        r#"<line x1="{left:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="black"/>"#,
-        TOP + ph,
-        left + pw,
-        TOP + ph
-    ));
+    grid_and_axes(put, (left, TOP, pw, ph), y_max, Y_TICKS, 6.0);
     for (i, p) in panel.points.iter().enumerate() {
         let xx = x(i);
         put(format!(

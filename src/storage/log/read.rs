@@ -1,9 +1,12 @@
-//! Reading records from segment files, in chunks, bounded by the caller's
-//! limits.
+//! Reading a log: [`Log::read`] and its variants (visible or written
+//! records; memory only or files too), the tail cache, the segment files in
+//! chunks bounded by the caller's limits, and [`Log::offset_for_time`].
 
 use bytes::{Bytes, BytesMut};
 
-use super::{ReadBatch, ReadLimits, Segment};
+use std::sync::atomic::Ordering;
+
+use super::{Log, ReadBatch, ReadLimits, Segment};
 use crate::storage::Offset;
 use crate::storage::error::{Result, StorageError};
 use crate::storage::record;
@@ -15,7 +18,7 @@ const READ_CHUNK_MIN: usize = 64 * 1024;
 /// Largest read of a segment read call (unless one frame is larger).
 const READ_CHUNK_MAX: usize = 1024 * 1024;
 
-pub(super) fn read_segment(
+fn read_segment(
     seg: &Segment,
     from: Offset,
     visible: Offset,
@@ -155,4 +158,169 @@ pub(super) fn read_segment(
         out.next = from.max(seg_next.min(visible));
     }
     Ok(out)
+}
+
+impl Log {
+    /// Reads records with offsets `>= from` that are visible, up to the
+    /// limits, from one segment (or the tail cache). Returns an empty batch
+    /// at the end of the log.
+    ///
+    /// # Errors
+    /// `Corrupt` if the first record to return fails its checks; records
+    /// before a corrupt one are returned first, and the error names where
+    /// reading may resume. `Io` for read failures.
+    pub fn read(&self, from: Offset, limits: ReadLimits) -> Result<ReadBatch> {
+        self.read_until(from, self.next_offset(), limits)
+    }
+
+    /// Like [`Log::read`], but also returns records that are written and
+    /// not yet durable (under `always`, while their fdatasync runs). A
+    /// caller must not hand such a record to anyone before
+    /// [`Log::wait_visible`] says it is durable.
+    pub fn read_written(&self, from: Offset, limits: ReadLimits) -> Result<ReadBatch> {
+        let written = Offset(self.shared.written_next.load(Ordering::Acquire));
+        self.read_until(from, written, limits)
+    }
+
+    /// Like [`Log::read`], from memory only: `None` when answering would
+    /// read a segment file (the records are older than the tail cache).
+    /// Never blocks on IO, so it may be called under a lock.
+    pub fn read_cached(&self, from: Offset, limits: ReadLimits) -> Option<ReadBatch> {
+        self.read_until_cached(from, self.next_offset(), limits)
+    }
+
+    /// Like [`Log::read_written`], from memory only (see
+    /// [`Log::read_cached`]).
+    pub fn read_written_cached(&self, from: Offset, limits: ReadLimits) -> Option<ReadBatch> {
+        let written = Offset(self.shared.written_next.load(Ordering::Acquire));
+        self.read_until_cached(from, written, limits)
+    }
+
+    fn read_until_cached(
+        &self,
+        from: Offset,
+        visible: Offset,
+        limits: ReadLimits,
+    ) -> Option<ReadBatch> {
+        let from = from.max(self.first_offset());
+        if from >= visible {
+            return Some(ReadBatch {
+                records: Vec::new(),
+                next: from,
+            });
+        }
+        self.read_cache(from, visible, limits)
+    }
+
+    fn read_until(&self, from: Offset, visible: Offset, limits: ReadLimits) -> Result<ReadBatch> {
+        let from = from.max(self.first_offset());
+        if from >= visible {
+            return Ok(ReadBatch {
+                records: Vec::new(),
+                next: from,
+            });
+        }
+        if let Some(batch) = self.read_cache(from, visible, limits) {
+            return Ok(batch);
+        }
+        self.read_files(from, visible, limits)
+    }
+
+    fn read_cache(&self, from: Offset, visible: Offset, limits: ReadLimits) -> Option<ReadBatch> {
+        let cache = self.shared.cache.chunks();
+        let front = cache.front()?;
+        if from < front.first {
+            return None;
+        }
+        let start = cache.partition_point(|c| c.next <= from);
+        let mut out = ReadBatch {
+            records: Vec::new(),
+            next: from,
+        };
+        let mut bytes = 0;
+        for chunk in cache.iter().skip(start) {
+            let mut pos = 0;
+            while pos < chunk.data.len() {
+                let (len, offset) = record::peek_trusted(&chunk.data, pos);
+                if offset < from {
+                    pos += len;
+                    continue;
+                }
+                if offset >= visible
+                    || out.records.len() >= limits.records_max
+                    || (!out.records.is_empty() && bytes + len > limits.bytes_max)
+                {
+                    return Some(out);
+                }
+                let (rec, _) = record::decode_trusted(&chunk.data, pos)
+                    .expect("tail cache holds frames this log encoded");
+                pos += len;
+                bytes += len;
+                out.next = Offset(rec.offset.0 + 1);
+                out.records.push(rec);
+            }
+        }
+        Some(out)
+    }
+
+    fn read_files(&self, from: Offset, visible: Offset, limits: ReadLimits) -> Result<ReadBatch> {
+        let segments = self.shared.segments.read().clone();
+        let mut i = segments
+            .partition_point(|s| s.base <= from)
+            .saturating_sub(1);
+        loop {
+            let Some(seg) = segments.get(i) else {
+                return Ok(ReadBatch {
+                    records: Vec::new(),
+                    next: from,
+                });
+            };
+            let next_base = segments.get(i + 1).map(|s| s.base);
+            let batch = read_segment(seg, from, visible, next_base, limits)?;
+            if !batch.records.is_empty() || next_base.is_none() {
+                return Ok(batch);
+            }
+            i += 1;
+        }
+    }
+
+    /// The first offset whose publish time is at or after `time_us` (the
+    /// next offset if there is none). Uses the sparse time index, then a
+    /// short scan.
+    pub fn offset_for_time(&self, time_us: u64) -> Result<Offset> {
+        let segments = self.shared.segments.read().clone();
+        let i = segments.partition_point(|s| s.state.read().max_time_us < time_us);
+        let Some(seg) = segments.get(i) else {
+            return Ok(self.next_offset());
+        };
+        let start = {
+            let st = seg.state.read();
+            let e = st
+                .index
+                .entries
+                .partition_point(|e| e.time_us < time_us)
+                .saturating_sub(1);
+            st.index
+                .entries
+                .get(e)
+                .map_or(seg.base, |e| Offset(seg.base.0 + u64::from(e.rel_offset)))
+        };
+        let mut from = start;
+        loop {
+            let batch = self.read(
+                from,
+                ReadLimits {
+                    records_max: 1024,
+                    bytes_max: 1 << 20,
+                },
+            )?;
+            if batch.records.is_empty() {
+                return Ok(batch.next);
+            }
+            if let Some(r) = batch.records.iter().find(|r| r.publish_time_us >= time_us) {
+                return Ok(r.offset);
+            }
+            from = batch.next;
+        }
+    }
 }
